@@ -1,0 +1,44 @@
+# Quick start: `make demo` (set-up + demo data + 2-rank CPU training + eval), `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SEED ?= 0
+DEMO_STEPS ?= 800
+DEMO_PORT ?= 29500
+DEMO_OUT := $(if $(filter 0,$(SEED)),outputs/demo,outputs/demo-seed$(SEED))
+
+.PHONY: setup demo demo-data test bench presets clean
+
+setup: $(VENV)/.installed
+
+$(VENV): $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+demo-data: setup
+	$(PY) data_tools/make_demo_data.py --out data/demo
+
+demo: demo-data
+	DS_ACCELERATOR=cpu $(VENV)/bin/deepspeed --num_accelerators 2 --master_port $(DEMO_PORT) wenlan/train.py \
+	  --deepspeed_config ds_configs/cpu_tiny.json --preset tiny --tokenizer data/demo/tokenizer \
+	  --train-shards 'data/demo/train-{000000..000009}.tar' --val-shards data/demo/val-000000.tar \
+	  --max-steps $(DEMO_STEPS) --eval-every 200 --save-every 200 --seed $(SEED) \
+	  --no-color-augment --output-dir $(DEMO_OUT)
+	@echo "eval: $(DEMO_OUT)/eval.json   dashboard: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db"
+
+test: setup
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests
+
+bench: setup
+	DS_ACCELERATOR=cpu $(PY) bench/engine_overhead.py
+
+presets: setup
+	$(PY) -m wenlan.models.presets
+
+clean:
+	rm -rf outputs

@@ -1,0 +1,166 @@
+"""The resolved run configuration: command line + preset + DeepSpeed config, validated before any
+process group starts. Saved as ``DIR/config.json`` and inside every checkpoint, so export and
+evaluation rebuild exactly the trained model."""
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wenlan.losses.objective import ObjectiveConfig
+from wenlan.models.brivl import ModelConfig
+from wenlan.models.presets import get_preset
+from wenlan.models.towers import ImageTowerConfig, TextTowerConfig
+
+# Objective settings that belong to a preset (queue sized to the batch a preset is run with).
+PRESET_OBJECTIVES = {
+    "tiny": dict(queue_size=4096, momentum=0.99, in_batch_negatives=True, learnable_temperature=True),
+    "base": dict(queue_size=65536, momentum=0.999, momentum_start=0.99),
+    "1b": dict(queue_size=65536, momentum=0.999, momentum_start=0.99),
+    "10b": dict(queue_size=65536, momentum=0.999, momentum_start=0.99),
+    "brivl-1.0": dict(queue_size=9600, momentum=0.99, temperature=0.07, in_batch_negatives=False,
+                      learnable_temperature=False),
+}
+
+
+@dataclass
+class BatchConfig:
+    """Batch arithmetic read from the DeepSpeed config and the launcher's world size."""
+
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world_size
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs, resolved."""
+
+    preset: str
+    model: ModelConfig
+    objective: ObjectiveConfig
+    batch: BatchConfig
+    deepspeed_config: dict
+    tokenizer: str
+    train_shards: list[str]
+    val_shards: list[str]
+    output_dir: str
+    max_steps: int
+    seed: int = 0
+    lr_warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at this fraction of the peak learning rate."""
+    eval_every: int = 0
+    save_every: int = 0
+    log_every: int = 20
+    num_workers: int = 1
+    color_augment: bool = True
+    resume: str = "auto"
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = "wenlan"
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    image = dict(d["image"])
+    if image.get("trainable_prefixes") is not None:
+        image["trainable_prefixes"] = tuple(image["trainable_prefixes"])
+    return ModelConfig(image=ImageTowerConfig(**image), text=TextTowerConfig(**d["text"]),
+                       embed_dim=d["embed_dim"])
+
+
+def objective_config_from_dict(d: dict) -> ObjectiveConfig:
+    return ObjectiveConfig(**d)
+
+
+def read_deepspeed_config(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--deepspeed_config: no such file {path!r}; see ds_configs/ for examples")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--deepspeed_config: {path} is not valid JSON ({err})") from None
+
+
+def batch_from_deepspeed(ds: dict, world_size: int) -> BatchConfig:
+    """DeepSpeed accepts any two of (train_batch_size, micro batch, grad accumulation); resolve the third
+    here so a mismatch fails now with a clear message instead of inside deepspeed.initialize."""
+    micro = ds.get("train_micro_batch_size_per_gpu")
+    accum = ds.get("gradient_accumulation_steps")
+    total = ds.get("train_batch_size")
+    if micro is None and total is None:
+        raise ValueError("DeepSpeed config: set train_micro_batch_size_per_gpu (and optionally "
+                         "gradient_accumulation_steps or train_batch_size)")
+    if micro is None:
+        accum = accum or 1
+        micro, rem = divmod(total, accum * world_size)
+        if rem or micro == 0:
+            raise ValueError(f"DeepSpeed config: train_batch_size={total} is not divisible by "
+                             f"gradient_accumulation_steps={accum} x world size {world_size}")
+    elif accum is None:
+        accum = 1 if total is None else total // (micro * world_size)
+    if total is not None and total != micro * accum * world_size:
+        raise ValueError(f"DeepSpeed config: train_batch_size={total} != train_micro_batch_size_per_gpu={micro} x "
+                         f"gradient_accumulation_steps={accum} x world size {world_size}; fix one of them "
+                         "or drop train_batch_size")
+    return BatchConfig(micro_batch=micro, grad_accum=accum, world_size=world_size)
+
+
+def _check_shards(flag: str, shards: list[str]) -> None:
+    import braceexpand
+
+    missing = []
+    for pattern in shards:
+        for path in braceexpand.braceexpand(pattern):
+            if "://" not in path and not path.startswith("pipe:") and not Path(path).is_file():
+                missing.append(path)
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise ValueError(f"{flag}: shard not found: {', '.join(missing[:3])}{more}. "
+                         "Create demo shards with `make demo-data` or point at existing .tar shards")
+
+
+def resolve(args) -> TrainConfig:
+    """Command line -> validated TrainConfig. Raises ValueError naming the flag/field and the fix."""
+    model = get_preset(args.preset)
+    objective = ObjectiveConfig(name=args.objective, **PRESET_OBJECTIVES.get(args.preset, {}))
+    for key in ("queue_size", "temperature", "momentum", "queue_warmup_steps"):
+        value = getattr(args, key, None)
+        if value is not None:
+            setattr(objective, key, value)
+    objective.validate()
+    if args.max_steps < 1:
+        raise ValueError(f"--max-steps must be >= 1 (got {args.max_steps})")
+    ds = read_deepspeed_config(args.deepspeed_config)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    batch = batch_from_deepspeed(ds, world_size)
+    if objective.name == "brivl" and objective.queue_size % batch.global_batch:
+        k, g = objective.queue_size, batch.global_batch
+        raise ValueError(
+            f"queue_size={k} is not a multiple of the global batch {g} (= micro batch {batch.micro_batch} x "
+            f"grad accumulation {batch.grad_accum} x world size {world_size}); use --queue-size "
+            f"{max(g, k // g * g)} or change the DeepSpeed config's batch")
+    if objective.name == "brivl" and objective.queue_size < batch.global_batch:
+        raise ValueError(f"queue_size={objective.queue_size} is smaller than the global batch {batch.global_batch}")
+    if not (Path(args.tokenizer) / "tokenizer_config.json").is_file():
+        raise ValueError(f"--tokenizer: {args.tokenizer!r} is not a Hugging Face tokenizer directory "
+                         "(no tokenizer_config.json); `make demo-data` writes data/demo/tokenizer")
+    _check_shards("--train-shards", args.train_shards)
+    _check_shards("--val-shards", args.val_shards)
+    return TrainConfig(
+        preset=args.preset, model=model, objective=objective, batch=batch, deepspeed_config=ds,
+        tokenizer=args.tokenizer, train_shards=list(args.train_shards), val_shards=list(args.val_shards),
+        output_dir=args.output_dir, max_steps=args.max_steps, seed=args.seed,
+        lr_warmup_steps=min(100, args.max_steps // 10) if args.warmup_steps is None else args.warmup_steps,
+        eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every,
+        num_workers=args.num_workers, color_augment=not args.no_color_augment, resume=args.resume,
+        mlflow_uri=args.mlflow_uri, mlflow_experiment=args.mlflow_experiment)

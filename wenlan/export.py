@@ -1,0 +1,139 @@
+"""Consolidated weights from any checkpoint, and loading them for use.
+
+``python -m wenlan.export --checkpoint DIR/checkpoints --out FILE.safetensors [--full]``
+
+The file holds the online towers (``image_tower.*``, ``text_tower.*``, ``log_scale``); ``--full`` adds
+the momentum towers (``momentum.`` prefix) and the queues (``queue.`` prefix). The same names come out
+of every strategy and world size. The model config and the tokenizer files travel in the safetensors
+metadata, so ``wenlan.load(FILE)`` needs nothing else.
+"""
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+
+from wenlan.config import model_config_from_dict
+from wenlan.models.brivl import BriVL, ModelConfig
+
+# checkpoint (module) name prefix -> exported name prefix
+ONLINE = {"model.image_tower.": "image_tower.", "model.text_tower.": "text_tower.", "log_scale": "log_scale"}
+MOMENTUM = {"model.momentum_image_tower.": "momentum.image_tower.",
+            "model.momentum_text_tower.": "momentum.text_tower.", "queues.": "queue."}
+
+
+def export_names(state: dict[str, torch.Tensor], full: bool) -> dict[str, torch.Tensor]:
+    mapping = {**ONLINE, **(MOMENTUM if full else {})}
+    out = {}
+    for name, tensor in state.items():
+        for src, dst in mapping.items():
+            if name.startswith(src):
+                out[dst + name[len(src):]] = tensor.contiguous()
+    return out
+
+
+def tokenizer_files(tokenizer_dir: str | None) -> dict[str, str]:
+    if not tokenizer_dir or not Path(tokenizer_dir).is_dir():
+        return {}
+    return {p.name: p.read_text() for p in Path(tokenizer_dir).iterdir()
+            if p.is_file() and p.suffix in (".json", ".txt")}
+
+
+def export(checkpoint: Path, out: Path, full: bool = False) -> dict[str, torch.Tensor]:
+    from wenlan.parallel.checkpoint import read_consolidated
+
+    state, run_state = read_consolidated(checkpoint)
+    tensors = export_names(state, full)
+    config = run_state["config"]
+    metadata = {"wenlan_model": json.dumps(config["model"]),
+                "wenlan_tokenizer": json.dumps(tokenizer_files(config.get("tokenizer"))),
+                "wenlan_step": str(run_state["step"])}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata=metadata)
+    out.with_suffix(".json").write_text(json.dumps({"model": config["model"], "step": run_state["step"],
+                                                   "preset": config["preset"]}, indent=2))
+    return tensors
+
+
+def load_model_from_checkpoint(checkpoint: Path) -> tuple[BriVL, ModelConfig]:
+    """The online towers of a checkpoint as a plain BriVL in eval mode (for evaluation)."""
+    from wenlan.parallel.checkpoint import read_consolidated
+
+    state, run_state = read_consolidated(checkpoint)
+    model_cfg = model_config_from_dict(run_state["config"]["model"])
+    model = BriVL(model_cfg, momentum=False)
+    model.load_state_dict(_strip(export_names(state, full=False)), strict=True)
+    return model.eval(), model_cfg
+
+
+def _strip(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in tensors.items() if k != "log_scale"}
+
+
+class WenLanModel(torch.nn.Module):
+    """A loaded BriVL for use: ``encode_image(images)``, ``encode_text(texts)``."""
+
+    def __init__(self, model: BriVL, tokenizer):
+        super().__init__()
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.cfg = model.cfg
+
+    @torch.no_grad()
+    def encode_image(self, images) -> torch.Tensor:
+        """images: PIL images, or a (B, 3, H, W) tensor already normalised like eval_transform."""
+        if not torch.is_tensor(images):
+            from wenlan.data.transforms import eval_transform
+
+            tf = eval_transform(self.cfg.image.image_size)
+            images = torch.stack([tf(im.convert("RGB")) for im in images])
+        return self.model.encode_image(images)  # (B, E)
+
+    @torch.no_grad()
+    def encode_text(self, texts) -> torch.Tensor:
+        """texts: a list of strings (tokenised like training), or a dict with input_ids/attention_mask."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, dict):
+            texts = self.tokenizer(list(texts), padding="max_length", truncation=True,
+                                   max_length=self.cfg.text.max_len, return_tensors="pt")
+        return self.model.encode_text(texts["input_ids"], texts["attention_mask"])  # (B, E)
+
+
+def load(path: str | Path) -> WenLanModel:
+    """Rebuild the model saved by ``wenlan.export`` and load its online towers."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    model_cfg = model_config_from_dict(json.loads(metadata["wenlan_model"]))
+    model = BriVL(model_cfg, momentum=False)
+    tensors = load_file(str(path))
+    online = {k: v for k, v in tensors.items() if k.startswith(("image_tower.", "text_tower."))}
+    model.load_state_dict(online, strict=True)
+    tokenizer = None
+    files = json.loads(metadata.get("wenlan_tokenizer", "{}"))
+    if files:
+        from transformers import AutoTokenizer
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, text in files.items():
+                (Path(tmp) / name).write_text(text)
+            tokenizer = AutoTokenizer.from_pretrained(tmp)
+    return WenLanModel(model, tokenizer)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Export consolidated weights from a checkpoint.")
+    parser.add_argument("--checkpoint", required=True, help="DIR/checkpoints (latest) or one tag directory")
+    parser.add_argument("--out", required=True, help="FILE.safetensors")
+    parser.add_argument("--full", action="store_true", help="also the momentum towers and the queues")
+    args = parser.parse_args()
+    tensors = export(Path(args.checkpoint), Path(args.out), args.full)
+    n = sum(t.numel() for t in tensors.values())
+    print(f"wrote {args.out}: {len(tensors)} tensors, {n:,} values")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""BriVL: online image/text towers plus their momentum (key) copies.
+
+The momentum towers are built from the same config and take the online weights through
+``momentum_update(m=0)``, which is the same code path (and, under ZeRO-3, the same partition-local
+update) as every later EMA step. They never receive gradients.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from wenlan.models.towers import ImageTower, ImageTowerConfig, TextTower, TextTowerConfig
+
+
+@dataclass
+class ModelConfig:
+    """A whole BriVL model: both towers and the joint embedding width."""
+
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    embed_dim: int = 128
+
+
+class BriVL(nn.Module):
+    def __init__(self, cfg: ModelConfig, momentum: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.image_tower = ImageTower(cfg.image, cfg.embed_dim)
+        self.text_tower = TextTower(cfg.text, cfg.embed_dim)
+        self.momentum_image_tower = self.momentum_text_tower = None
+        if momentum:
+            self.momentum_image_tower = ImageTower(cfg.image, cfg.embed_dim).requires_grad_(False)
+            self.momentum_text_tower = TextTower(cfg.text, cfg.embed_dim).requires_grad_(False)
+
+    def online_momentum_pairs(self):
+        """(online, momentum) parameter pairs, in a fixed order, for the EMA update."""
+        for online, key in ((self.image_tower, self.momentum_image_tower),
+                            (self.text_tower, self.momentum_text_tower)):
+            yield from zip(online.parameters(), key.parameters())
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.image_tower(images)  # (B, E)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.text_tower(input_ids, attention_mask)  # (B, E)
+
+    def forward(self, images, input_ids, attention_mask, with_keys: bool = True):
+        """Online queries (with grad) and, if asked, momentum keys (without) for a batch."""
+        img_q = self.image_tower(images)  # (B, E)
+        txt_q = self.text_tower(input_ids, attention_mask)  # (B, E)
+        if not with_keys:
+            return img_q, txt_q, None, None
+        with torch.no_grad():
+            img_k = self.momentum_image_tower(images)  # (B, E)
+            txt_k = self.momentum_text_tower(input_ids, attention_mask)  # (B, E)
+        return img_q, txt_q, img_k, txt_k
+
+
+@torch.no_grad()
+def momentum_update(model: BriVL, m: float) -> None:
+    """key = m * key + (1 - m) * online, whole tensors (plain and ZeRO-0/1/2 engines).
+
+    ``m=0`` copies the online weights, which is how the momentum towers are initialised.
+    """
+    for online, key in model.online_momentum_pairs():
+        key.mul_(m).add_(online.detach().to(key.dtype), alpha=1.0 - m)

@@ -1,0 +1,95 @@
+"""Model presets, and ``python -m wenlan.models.presets [--json]`` to count their parameters.
+
+Counts are taken on the meta device, so the 10B preset is counted without allocating it.
+"""
+
+import argparse
+import dataclasses
+import json
+
+import torch
+
+from wenlan.models.brivl import BriVL, ModelConfig
+from wenlan.models.towers import ImageTowerConfig, TextTowerConfig
+
+
+def _vit(dim: int, depth: int, heads: int) -> dict:
+    return dict(embed_dim=dim, depth=depth, num_heads=heads)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # CPU demo and tests: a few M parameters, 64 px images, GroupNorm backbone (no batch statistics,
+    # so results do not depend on how a global batch is split across ranks).
+    "tiny": ModelConfig(
+        image=ImageTowerConfig(backbone="test_efficientnet_gn", backbone_kwargs=dict(output_stride=16),
+                               image_size=64, grid=3, dim=128, layers=2, heads=4, ffn_dim=256),
+        text=TextTowerConfig(vocab_size=2048, hidden=128, bert_layers=2, bert_heads=2, bert_ffn=256,
+                             max_len=32, layers=2, heads=4, ffn_dim=256),
+        embed_dim=128),
+    "base": ModelConfig(
+        image=ImageTowerConfig(backbone="tf_efficientnet_b3", image_size=300, grid=6, dim=1024, layers=2,
+                               heads=8, ffn_dim=2048),
+        text=TextTowerConfig(vocab_size=21128, hidden=768, bert_layers=12, bert_heads=12, bert_ffn=3072,
+                             max_len=80, layers=2, heads=8, ffn_dim=2048),
+        embed_dim=1024),
+    # Scaled-up BriVL: ViT image backbones (patch tokens pooled into the same 6x6+1 regions) and wider,
+    # deeper BERT-style text encoders.
+    "1b": ModelConfig(
+        image=ImageTowerConfig(backbone="vit_base_patch16_224", backbone_kwargs=_vit(1280, 32, 16),
+                               image_size=224, grid=6, dim=1280, layers=2, heads=16, ffn_dim=5120),
+        text=TextTowerConfig(vocab_size=21128, hidden=1024, bert_layers=24, bert_heads=16, bert_ffn=4096,
+                             max_len=80, layers=2, heads=16, ffn_dim=4096),
+        embed_dim=2048),
+    "10b": ModelConfig(
+        image=ImageTowerConfig(backbone="vit_base_patch16_224", backbone_kwargs=_vit(2560, 48, 32),
+                               image_size=224, grid=6, dim=2560, layers=4, heads=32, ffn_dim=10240),
+        text=TextTowerConfig(vocab_size=21128, hidden=4096, bert_layers=27, bert_heads=32, bert_ffn=16384,
+                             max_len=80, layers=4, heads=32, ffn_dim=16384),
+        embed_dim=2048),
+    # The released BriVL-1.0: EfficientNet-B5 (blocks 3-6 trainable), 6x6+1 regions, 4 post-norm
+    # attention layers per tower, chinese-roberta-wwm-ext-shaped BERT with its last 4 layers trainable.
+    "brivl-1.0": ModelConfig(
+        image=ImageTowerConfig(backbone="tf_efficientnet_b5", image_size=380, grid=6, box_samples=4,
+                               trainable_prefixes=("blocks.3", "blocks.4", "blocks.5", "blocks.6"),
+                               dim=2048, layers=4, heads=4, ffn_dim=2048, norm_first=False),
+        text=TextTowerConfig(vocab_size=21128, hidden=768, bert_layers=12, bert_heads=12, bert_ffn=3072,
+                             max_len=80, trainable_bert_layers=4, layers=4, heads=4, ffn_dim=2048,
+                             norm_first=False),
+        embed_dim=2048),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"--preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])
+
+
+def count_parameters(cfg: ModelConfig) -> dict[str, int]:
+    with torch.device("meta"):
+        model = BriVL(cfg)
+    online = [p for m in (model.image_tower, model.text_tower) for p in m.parameters()]
+    momentum = sum(p.numel() for m in (model.momentum_image_tower, model.momentum_text_tower)
+                   for p in m.parameters())
+    trainable = sum(p.numel() for p in online if p.requires_grad)
+    frozen = sum(p.numel() for p in online if not p.requires_grad)
+    return dict(online_trainable=trainable, frozen=frozen, momentum=momentum,
+                total=trainable + frozen + momentum)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Parameter counts of every preset (meta device).")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args()
+    counts = {name: count_parameters(cfg) for name, cfg in PRESETS.items()}
+    if args.json:
+        print(json.dumps(counts, indent=2))
+        return
+    cols = ["online_trainable", "frozen", "momentum", "total"]
+    print(f"{'preset':<10}" + "".join(f"{c:>18}" for c in cols))
+    for name, c in counts.items():
+        print(f"{name:<10}" + "".join(f"{c[k]:>18,}" for k in cols))
+
+
+if __name__ == "__main__":
+    main()

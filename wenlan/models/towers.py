@@ -1,0 +1,181 @@
+"""BriVL's two towers. Each is an explicit sequence of stages:
+
+image: backbone -> region pooling -> self-attention layers -> masked mean -> MLP head -> L2 norm
+text:  BERT encoder -> self-attention layers -> masked mean -> MLP head -> L2 norm
+
+Parameters are only touched inside ``forward`` (under ZeRO-3 they are partitioned everywhere else).
+"""
+
+from dataclasses import dataclass, field
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import transformers
+
+from wenlan.models.layers import ProjectionHead, SelfAttentionLayer, masked_mean
+
+
+@dataclass
+class ImageTowerConfig:
+    """Image tower: a timm backbone, region features from a grid of boxes, attention, MLP head."""
+
+    backbone: str = "test_efficientnet_gn"
+    """timm model name; CNNs give a feature map, ViTs give patch tokens reshaped to a map."""
+    backbone_kwargs: dict = field(default_factory=dict)
+    """Extra ``timm.create_model`` arguments (``output_stride``, ViT ``embed_dim``/``depth``...)."""
+    pretrained_path: str | None = None
+    """Optional local checkpoint (``.safetensors``/``.pth``) for the backbone; random init otherwise."""
+    trainable_prefixes: tuple[str, ...] | None = None
+    """If set, only backbone parameters whose names start with one of these train (BriVL-1.0: blocks 3-6)."""
+    image_size: int = 64
+    grid: int = 3
+    """Boxes form a grid x grid tiling plus the whole image (BriVL's detector-free variant: 6x6 + 1)."""
+    box_samples: int = 4
+    """Each box is bilinearly sampled at box_samples x box_samples points, projected, then averaged."""
+    dim: int = 128
+    layers: int = 2
+    heads: int = 4
+    ffn_dim: int = 256
+    dropout: float = 0.1
+    norm_first: bool = True
+    l2_regions: bool = True
+    """BriVL L2-normalises region features before the attention layers."""
+
+
+@dataclass
+class TextTowerConfig:
+    """Text tower: a BERT/RoBERTa encoder, attention layers on its tokens, MLP head."""
+
+    pretrained_path: str | None = None
+    """Local transformers directory loaded with ``from_pretrained``; else built from the fields below."""
+    vocab_size: int = 2048
+    hidden: int = 128
+    bert_layers: int = 2
+    bert_heads: int = 2
+    bert_ffn: int = 256
+    max_len: int = 32
+    trainable_bert_layers: int | None = None
+    """If set, the embeddings and all but the last N BERT layers are frozen (BriVL-1.0: 4)."""
+    layers: int = 2
+    heads: int = 4
+    ffn_dim: int = 256
+    dropout: float = 0.1
+    norm_first: bool = True
+    l2_tokens: bool = True
+    """BriVL L2-normalises token features before the attention layers (their width is BERT's hidden)."""
+
+
+def grid_boxes(grid: int) -> torch.Tensor:
+    """(grid*grid + 1, 4) boxes (x0, y0, x1, y1) in [-1, 1]: the grid cells, then the whole image."""
+    edges = torch.linspace(-1.0, 1.0, grid + 1)
+    cells = [(edges[c], edges[r], edges[c + 1], edges[r + 1]) for r in range(grid) for c in range(grid)]
+    return torch.tensor(cells + [(-1.0, -1.0, 1.0, 1.0)])
+
+
+class RegionPool(nn.Module):
+    """Region features from a fixed set of boxes: bilinear samples per box, 1x1 conv, average.
+
+    The 1x1 conv is a per-position linear map, so averaging first and projecting after gives the same
+    result as BriVL's conv-then-avgpool at box_samples^2 times less compute.
+    """
+
+    def __init__(self, in_channels: int, dim: int, grid: int, box_samples: int):
+        super().__init__()
+        self.proj = nn.Linear(in_channels, dim)
+        boxes = grid_boxes(grid)  # (R, 4)
+        t = (torch.arange(box_samples) + 0.5) / box_samples  # sample centres inside a box, in (0, 1)
+        xs = boxes[:, 0:1] + (boxes[:, 2:3] - boxes[:, 0:1]) * t  # (R, S)
+        ys = boxes[:, 1:2] + (boxes[:, 3:4] - boxes[:, 1:2]) * t  # (R, S)
+        sample_grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)  # (R, S, S, 2)
+        # A constant of the architecture, not state: kept out of checkpoints.
+        self.register_buffer("sample_grid", sample_grid.flatten(0, 1), persistent=False)  # (R*S, S, 2)
+        self.num_regions = boxes.shape[0]
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        B, C = fmap.shape[:2]
+        grid = self.sample_grid.to(fmap.dtype).expand(B, -1, -1, -1)  # (B, R*S, S, 2)
+        samples = F.grid_sample(fmap, grid, mode="bilinear", align_corners=False)  # (B, C, R*S, S)
+        regions = samples.view(B, C, self.num_regions, -1).mean(-1).transpose(1, 2)  # (B, R, C)
+        return self.proj(regions)  # (B, R, dim)
+
+
+class ImageBackbone(nn.Module):
+    """A timm model as a feature-map extractor: CNN maps as they are, ViT patch tokens as a map."""
+
+    def __init__(self, cfg: ImageTowerConfig):
+        super().__init__()
+        kwargs = dict(cfg.backbone_kwargs)
+        if cfg.backbone.startswith(("vit", "deit", "eva")):
+            kwargs.setdefault("img_size", cfg.image_size)
+        self.net = timm.create_model(cfg.backbone, pretrained=False, num_classes=0, global_pool="", **kwargs)
+        self.num_features = self.net.num_features
+        self.prefix_tokens = getattr(self.net, "num_prefix_tokens", 0)
+        if cfg.pretrained_path:
+            timm.models.load_checkpoint(self.net, cfg.pretrained_path, strict=False)
+        if cfg.trainable_prefixes is not None:
+            for name, p in self.net.named_parameters():
+                p.requires_grad_(name.startswith(tuple(cfg.trainable_prefixes)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.net.forward_features(images)
+        if x.dim() == 3:  # ViT: (B, prefix + h*w, D) -> (B, D, h, w)
+            tokens = x[:, self.prefix_tokens:]
+            side = int(tokens.shape[1] ** 0.5)
+            x = tokens.transpose(1, 2).reshape(x.shape[0], -1, side, side)
+        return x  # (B, C, h, w)
+
+
+class ImageTower(nn.Module):
+    def __init__(self, cfg: ImageTowerConfig, embed_dim: int):
+        super().__init__()
+        self.l2_regions = cfg.l2_regions
+        self.backbone = ImageBackbone(cfg)
+        self.region_pool = RegionPool(self.backbone.num_features, cfg.dim, cfg.grid, cfg.box_samples)
+        self.encoder = nn.ModuleList(
+            SelfAttentionLayer(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.dropout, cfg.norm_first) for _ in range(cfg.layers))
+        self.head = ProjectionHead(cfg.dim, embed_dim, embed_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        regions = self.region_pool(self.backbone(images))  # (B, R, dim)
+        if self.l2_regions:
+            regions = F.normalize(regions, dim=-1)
+        for layer in self.encoder:
+            regions = layer(regions)
+        pooled = regions.mean(1)  # every region is valid: the masked mean with an all-ones mask
+        return F.normalize(self.head(pooled), dim=-1)  # (B, E)
+
+
+class TextTower(nn.Module):
+    def __init__(self, cfg: TextTowerConfig, embed_dim: int):
+        super().__init__()
+        self.l2_tokens = cfg.l2_tokens
+        if cfg.pretrained_path:
+            self.bert = transformers.AutoModel.from_pretrained(cfg.pretrained_path, add_pooling_layer=False)
+        else:
+            bert_cfg = transformers.BertConfig(
+                vocab_size=cfg.vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.bert_layers,
+                num_attention_heads=cfg.bert_heads, intermediate_size=cfg.bert_ffn,
+                max_position_embeddings=max(512, cfg.max_len))
+            self.bert = transformers.BertModel(bert_cfg, add_pooling_layer=False)
+        if cfg.trainable_bert_layers is not None:
+            layers = self.bert.encoder.layer
+            frozen = [self.bert.embeddings, *layers[: len(layers) - cfg.trainable_bert_layers]]
+            for module in frozen:
+                module.requires_grad_(False)
+        hidden = self.bert.config.hidden_size
+        self.encoder = nn.ModuleList(
+            SelfAttentionLayer(hidden, cfg.heads, cfg.ffn_dim, cfg.dropout, cfg.norm_first) for _ in range(cfg.layers))
+        self.head = ProjectionHead(hidden, embed_dim, embed_dim)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # BriVL-1.0 gives BERT no attention mask, so padding tokens are attended; here padding is masked
+        # in BERT, in the attention layers and in the mean.
+        tokens = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+        if self.l2_tokens:
+            tokens = F.normalize(tokens, dim=-1)
+        padding = attention_mask == 0  # (B, L)
+        for layer in self.encoder:
+            tokens = layer(tokens, key_padding_mask=padding)
+        return F.normalize(self.head(masked_mean(tokens, attention_mask)), dim=-1)  # (B, E)
