@@ -141,6 +141,11 @@ def resolve(args) -> TrainConfig:
     if args.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1 (got {args.max_steps})")
     ds = read_deepspeed_config(args.deepspeed_config)
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    if stage not in (0, 1, 2):
+        raise ValueError(f"DeepSpeed config: zero_optimization.stage={stage}: ZeRO stage 3 needs the "
+                         "partition-aware model construction and momentum update, which this version does "
+                         "not have yet; use stage 0, 1 or 2")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     batch = batch_from_deepspeed(ds, world_size)
     if objective.name == "brivl" and objective.queue_size % batch.global_batch:

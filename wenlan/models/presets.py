@@ -22,9 +22,9 @@ PRESETS: dict[str, ModelConfig] = {
     # so results do not depend on how a global batch is split across ranks).
     "tiny": ModelConfig(
         image=ImageTowerConfig(backbone="test_efficientnet_gn", backbone_kwargs=dict(output_stride=16),
-                               image_size=64, grid=3, dim=128, layers=2, heads=4, ffn_dim=256),
+                               image_size=64, grid=3, dim=128, layers=2, heads=4, ffn_dim=256, dropout=0.0),
         text=TextTowerConfig(vocab_size=2048, hidden=128, bert_layers=2, bert_heads=2, bert_ffn=256,
-                             max_len=32, layers=2, heads=4, ffn_dim=256),
+                             max_len=32, layers=2, heads=4, ffn_dim=256, dropout=0.0),
         embed_dim=128),
     "base": ModelConfig(
         image=ImageTowerConfig(backbone="tf_efficientnet_b3", image_size=300, grid=6, dim=1024, layers=2,
@@ -51,7 +51,8 @@ PRESETS: dict[str, ModelConfig] = {
     "brivl-1.0": ModelConfig(
         image=ImageTowerConfig(backbone="tf_efficientnet_b5", image_size=380, grid=6, box_samples=4,
                                trainable_prefixes=("blocks.3", "blocks.4", "blocks.5", "blocks.6"),
-                               dim=2048, layers=4, heads=4, ffn_dim=2048, norm_first=False),
+                               dim=2048, layers=4, heads=4, ffn_dim=2048, norm_first=False,
+                               region_position=False),
         text=TextTowerConfig(vocab_size=21128, hidden=768, bert_layers=12, bert_heads=12, bert_ffn=3072,
                              max_len=80, trainable_bert_layers=4, layers=4, heads=4, ffn_dim=2048,
                              norm_first=False),

@@ -42,6 +42,9 @@ class ImageTowerConfig:
     norm_first: bool = True
     l2_regions: bool = True
     """BriVL L2-normalises region features before the attention layers."""
+    region_position: bool = True
+    """Add a learned embedding per box before attention. Attention + mean is permutation invariant,
+    so without it "where" is only what the backbone's padding leaks; BriVL-1.0 had none."""
 
 
 @dataclass
@@ -62,6 +65,7 @@ class TextTowerConfig:
     heads: int = 4
     ffn_dim: int = 256
     dropout: float = 0.1
+    """Dropout in BERT (built from config) and in the attention layers."""
     norm_first: bool = True
     l2_tokens: bool = True
     """BriVL L2-normalises token features before the attention layers (their width is BERT's hidden)."""
@@ -133,6 +137,9 @@ class ImageTower(nn.Module):
         self.l2_regions = cfg.l2_regions
         self.backbone = ImageBackbone(cfg)
         self.region_pool = RegionPool(self.backbone.num_features, cfg.dim, cfg.grid, cfg.box_samples)
+        self.region_position = None
+        if cfg.region_position:
+            self.region_position = nn.Parameter(torch.randn(self.region_pool.num_regions, cfg.dim) * 0.02)
         self.encoder = nn.ModuleList(
             SelfAttentionLayer(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.dropout, cfg.norm_first) for _ in range(cfg.layers))
         self.head = ProjectionHead(cfg.dim, embed_dim, embed_dim)
@@ -141,6 +148,8 @@ class ImageTower(nn.Module):
         regions = self.region_pool(self.backbone(images))  # (B, R, dim)
         if self.l2_regions:
             regions = F.normalize(regions, dim=-1)
+        if self.region_position is not None:
+            regions = regions + self.region_position  # (B, R, dim) + (R, dim)
         for layer in self.encoder:
             regions = layer(regions)
         pooled = regions.mean(1)  # every region is valid: the masked mean with an all-ones mask
@@ -157,7 +166,8 @@ class TextTower(nn.Module):
             bert_cfg = transformers.BertConfig(
                 vocab_size=cfg.vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.bert_layers,
                 num_attention_heads=cfg.bert_heads, intermediate_size=cfg.bert_ffn,
-                max_position_embeddings=max(512, cfg.max_len))
+                max_position_embeddings=max(512, cfg.max_len), hidden_dropout_prob=cfg.dropout,
+                attention_probs_dropout_prob=cfg.dropout)
             self.bert = transformers.BertModel(bert_cfg, add_pooling_layer=False)
         if cfg.trainable_bert_layers is not None:
             layers = self.bert.encoder.layer

@@ -1,0 +1,73 @@
+"""Bad configuration fails fast, before any process group starts, naming the field and the fix."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT, cpu_env
+from wenlan.config import resolve
+from wenlan.train import parse_args
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from data_tools.make_demo_data import write_demo_shards
+
+    root = tmp_path_factory.mktemp("data")
+    write_demo_shards(root, n_train=40, n_val=20, seed=0, image_size=32, shard_size=20, quiet=True)
+    return root
+
+
+def args_for(data, tmp_path, **overrides):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps(overrides.pop("ds", {"train_micro_batch_size_per_gpu": 8,
+                                                  "zero_optimization": {"stage": 1}})))
+    values = {"--deepspeed_config": str(ds), "--preset": "tiny", "--tokenizer": str(data / "tokenizer"),
+              "--train-shards": str(data / "train-{000000..000001}.tar"), "--val-shards": str(data / "val-000000.tar"),
+              "--max-steps": "2", "--output-dir": str(tmp_path / "out")}
+    values.update(overrides)
+    argv = []
+    for k, v in values.items():
+        argv += [k, *v.split(" ")]
+    return parse_args(argv)
+
+
+def test_valid_config_resolves(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = resolve(args_for(tiny_data, tmp_path))
+    assert cfg.batch.global_batch == 16 and cfg.objective.queue_size % 16 == 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"--preset": "huge"}, "--preset: unknown preset 'huge'; choose one of tiny, base, 1b, 10b, brivl-1.0"),
+    ({"--queue-size": "100"}, "queue_size=100 is not a multiple of the global batch 16"),
+    ({"--queue-size": "100"}, "use --queue-size 96"),
+    ({"--train-shards": "nowhere/train-{0..1}.tar"}, "--train-shards: shard not found: nowhere/train-0.tar"),
+    ({"--val-shards": "missing.tar"}, "--val-shards: shard not found: missing.tar"),
+    ({"--tokenizer": "no/such/dir"}, "--tokenizer: 'no/such/dir' is not a Hugging Face tokenizer directory"),
+    ({"--max-steps": "0"}, "--max-steps must be >= 1"),
+    ({"--momentum": "1.5"}, "objective.momentum=1.5 must be in [0, 1)"),
+    ({"ds": {"train_batch_size": 30, "train_micro_batch_size_per_gpu": 8}},
+     "train_batch_size=30 != train_micro_batch_size_per_gpu=8 x gradient_accumulation_steps=1 x world size 2"),
+    ({"ds": {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 3}}},
+     "ZeRO stage 3"),
+])
+def test_bad_config_messages(tiny_data, tmp_path, monkeypatch, override, message):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError) as err:
+        resolve(args_for(tiny_data, tmp_path, **override))
+    assert message in str(err.value)
+
+
+def test_train_cli_exits_before_any_process_group(tiny_data, tmp_path):
+    """The launcher-facing entry point prints the message and exits 2 within seconds."""
+    argv = ["--deepspeed_config", str(ROOT / "ds_configs" / "cpu_tiny.json"), "--preset", "tiny",
+            "--tokenizer", str(tiny_data / "tokenizer"), "--train-shards", "missing-{000..003}.tar",
+            "--val-shards", str(tiny_data / "val-000000.tar"), "--max-steps", "1", "--output-dir", str(tmp_path)]
+    proc = subprocess.run([sys.executable, str(ROOT / "wenlan" / "train.py"), *argv], env=cpu_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "error: --train-shards: shard not found: missing-000.tar" in proc.stderr
+    assert "init_distributed" not in proc.stderr and "Traceback" not in proc.stderr

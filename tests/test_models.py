@@ -1,0 +1,81 @@
+"""Towers, presets and their parameter counts."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from wenlan.models import PRESETS, BriVL, count_parameters, get_preset
+from wenlan.models.towers import grid_boxes
+
+
+def tiny_batch(B=3, L=10, vocab=50):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab, (B, L), generator=g)
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[0, 6:] = 0
+    ids[mask == 0] = 0
+    return torch.randn(B, 3, 64, 64, generator=g), ids, mask
+
+
+def test_tiny_forward_gives_unit_embeddings_and_no_key_grads():
+    torch.manual_seed(0)
+    model = BriVL(get_preset("tiny")).train()
+    img_q, txt_q, img_k, txt_k = model(*tiny_batch())
+    for e in (img_q, txt_q, img_k, txt_k):
+        assert e.shape == (3, 128)
+        torch.testing.assert_close(e.norm(dim=-1), torch.ones(3))
+    assert img_q.requires_grad and not img_k.requires_grad and not txt_k.requires_grad
+
+
+def test_padding_does_not_change_text_embedding():
+    """Padding is masked in BERT, the attention layers and the mean (BriVL-1.0 attended to it)."""
+    torch.manual_seed(0)
+    model = BriVL(get_preset("tiny"), momentum=False).eval()
+    _, ids, mask = tiny_batch()
+    short = model.encode_text(ids[:1, :6], mask[:1, :6])
+    padded = model.encode_text(ids[:1], mask[:1])
+    torch.testing.assert_close(short, padded, rtol=1e-5, atol=1e-6)
+
+
+def test_region_boxes_are_grid_plus_whole_image():
+    boxes = grid_boxes(6)
+    assert boxes.shape == (37, 4)
+    assert boxes[-1].tolist() == [-1, -1, 1, 1]
+    assert boxes[0].tolist() == pytest.approx([-1, -1, -1 + 2 / 6, -1 + 2 / 6])
+
+
+def test_preset_sizes():
+    counts = {name: count_parameters(cfg) for name, cfg in PRESETS.items() if name != "10b"}
+    assert 0.9e9 <= counts["1b"]["online_trainable"] <= 1.1e9
+    assert counts["tiny"]["online_trainable"] < 5e6
+    assert counts["brivl-1.0"]["frozen"] > 0  # frozen EfficientNet blocks 0-2 and BERT layers 0-7
+    for c in counts.values():
+        assert c["momentum"] == c["online_trainable"] + c["frozen"]
+        assert c["total"] == c["online_trainable"] + c["frozen"] + c["momentum"]
+
+
+def test_presets_cli_json_counts_on_meta_device():
+    out = subprocess.run([sys.executable, "-m", "wenlan.models.presets", "--json"], capture_output=True,
+                         text=True, check=True)
+    counts = json.loads(out.stdout)
+    assert set(counts) == {"tiny", "base", "1b", "10b", "brivl-1.0"}
+    assert 0.9e10 <= counts["10b"]["online_trainable"] <= 1.1e10
+    assert set(counts["10b"]) == {"online_trainable", "frozen", "momentum", "total"}
+
+
+def test_brivl_1_0_shape():
+    cfg = get_preset("brivl-1.0")
+    with torch.device("meta"):
+        model = BriVL(cfg, momentum=False)
+    assert model.image_tower.region_pool.num_regions == 37
+    assert model.image_tower.backbone.num_features == 2048
+    trainable_blocks = {n.split(".")[2] for n, p in model.image_tower.backbone.named_parameters()
+                        if p.requires_grad}
+    assert trainable_blocks == {"3", "4", "5", "6"}
+    bert = model.text_tower.bert
+    assert bert.config.vocab_size == 21128 and bert.config.num_hidden_layers == 12
+    assert [any(p.requires_grad for p in layer.parameters()) for layer in bert.encoder.layer] == [False] * 8 + [True] * 4
+    assert model.text_tower.head.fc1.in_features == 768 and model.text_tower.head.fc2.out_features == 2048

@@ -1,0 +1,156 @@
+"""Real DeepSpeed runs on CPU (gloo): 2-rank ZeRO-1 training, save -> resume, export -> load, MLflow,
+standalone evaluation, the CLIP objective. One set of launches checks several things each."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import wenlan
+from data_tools.make_demo_data import write_demo_shards
+from tests.helpers import ROOT, launch
+from wenlan.data import DataConfig, load_tokenizer, make_eval_loader
+from wenlan.export import export, load_model_from_checkpoint
+from wenlan.parallel.checkpoint import read_consolidated
+
+QUEUE = 512  # 4 steps of global batch 128 fill it exactly; step 5 overwrites slots 0..127
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    write_demo_shards(root, n_train=1200, n_val=96, seed=0, image_size=64, shard_size=300, quiet=True)
+    return root
+
+
+def ds_config(tmp: Path, stage: int, micro: int) -> str:
+    cfg = json.loads((ROOT / "ds_configs" / "cpu_tiny.json").read_text())
+    cfg["zero_optimization"] = {"stage": stage}
+    cfg["train_micro_batch_size_per_gpu"] = micro
+    path = tmp / f"ds_zero{stage}_mb{micro}.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def train_args(data: Path, out: Path, ds: str, steps: int, *extra: str) -> list[str]:
+    return ["--deepspeed_config", ds, "--preset", "tiny", "--tokenizer", str(data / "tokenizer"),
+            "--train-shards", str(data / "train-{000000..000003}.tar"), "--val-shards", str(data / "val-000000.tar"),
+            "--max-steps", str(steps), "--output-dir", str(out), "--queue-size", str(QUEUE), "--log-every", "1",
+            "--num-workers", "1", "--no-color-augment",
+            "--mlflow-uri", f"sqlite:///{out.parent / 'mlflow.db'}", *extra]
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    out = tmp / "out"
+    first = launch(2, train_args(data, out, ds_config(tmp, 1, 64), 4, "--save-every", "2"))
+    step4 = read_consolidated(out / "checkpoints" / "step00000004")
+    export(out / "checkpoints", tmp / "step4.safetensors", full=True)
+    eval_after_4 = json.loads((out / "eval.json").read_text())
+    resumed = launch(2, train_args(data, out, ds_config(tmp, 1, 64), 5))
+    return dict(out=out, tmp=tmp, first=first, resumed=resumed, step4=step4, eval4=eval_after_4)
+
+
+def test_two_rank_training_writes_contract_outputs(two_rank_run):
+    out = two_rank_run["out"]
+    log = two_rank_run["first"].stdout
+    assert "step      4/4" in log and "image->text" in log
+    assert json.loads((out / "config.json").read_text())["batch"] == {"micro_batch": 64, "grad_accum": 1,
+                                                                       "world_size": 2}
+    for tag in ("step00000002", "step00000004", "step00000005"):
+        assert (out / "checkpoints" / tag).is_dir()
+    metrics = json.loads((out / "eval.json").read_text())
+    assert {"r1_i2t", "r5_i2t", "r10_i2t", "r1_t2i", "r5_t2i", "r10_t2i", "mean_recall", "n_pairs"} <= set(metrics)
+    assert metrics["n_pairs"] == 96
+
+
+def test_resume_continues_at_the_right_step_with_the_saved_queue(two_rank_run):
+    assert "resumed from" in two_rank_run["resumed"].stderr + two_rank_run["resumed"].stdout
+    assert "at step 4" in two_rank_run["resumed"].stderr + two_rank_run["resumed"].stdout
+    assert "step      5/5" in two_rank_run["resumed"].stdout and "step      1/5" not in two_rank_run["resumed"].stdout
+    state4, run4 = two_rank_run["step4"]
+    state5, run5 = read_consolidated(two_rank_run["out"] / "checkpoints")
+    assert (run4["step"], run5["step"]) == (4, 5)
+    assert run5["samples_seen"] == 5 * 128 and run5["restarts"] == 1
+    assert state4["queues.filled"].item() == QUEUE and state4["queues.ptr"].item() == 0
+    assert state5["queues.ptr"].item() == 128
+    # The resumed run enqueued one global batch onto the restored queue: the rest is untouched.
+    for name in ("queues.image", "queues.text", "queues.ids"):
+        assert torch.equal(state5[name][128:], state4[name][128:])
+        assert not torch.equal(state5[name][:128], state4[name][:128])
+    # and it kept training from the saved weights, not from a fresh initialisation
+    w = "model.image_tower.head.fc2.weight"
+    assert (state5[w] - state4[w]).abs().max() < 0.1 * state4[w].abs().max()
+
+
+def test_export_full_names_and_load_gives_engine_embeddings(two_rank_run, data):
+    tmp = two_rank_run["tmp"]
+    tensors = load_file(str(tmp / "step4.safetensors"))
+    assert any(k.startswith("image_tower.") for k in tensors) and any(k.startswith("text_tower.") for k in tensors)
+    assert any(k.startswith("momentum.image_tower.") for k in tensors)
+    assert {"queue.image", "queue.text", "queue.ptr"} <= set(tensors)
+    state4, _ = two_rank_run["step4"]
+    torch.testing.assert_close(tensors["queue.text"], state4["queues.text"], rtol=0, atol=0)
+
+    # The engine's own end-of-run evaluation (step 5) is reproduced by the standalone path...
+    model, cfg = load_model_from_checkpoint(two_rank_run["out"] / "checkpoints")
+    tokenizer = load_tokenizer(str(data / "tokenizer"))
+    from wenlan.evaluate import evaluate
+    metrics = evaluate(model, [str(data / "val-000000.tar")], tokenizer, 64, cfg.text.max_len)
+    engine_metrics = json.loads((two_rank_run["out"] / "eval.json").read_text())
+    for k in ("r1_i2t", "r5_i2t", "r1_t2i", "mean_recall"):
+        assert metrics[k] == pytest.approx(engine_metrics[k], abs=1e-9)
+
+    # ...and wenlan.load of the export gives the same embeddings as the checkpoint's towers.
+    out = tmp / "step5.safetensors"
+    export(two_rank_run["out"] / "checkpoints", out)
+    loaded = wenlan.load(out)
+    batch = next(iter(make_eval_loader(DataConfig(shards=[str(data / "val-000000.tar")], batch_size=8,
+                                                  max_text_len=cfg.text.max_len, num_workers=0), tokenizer)))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(batch["images"]), model.encode_image(batch["images"]))
+        torch.testing.assert_close(loaded.encode_text({"input_ids": batch["input_ids"],
+                                                       "attention_mask": batch["attention_mask"]}),
+                                   model.encode_text(batch["input_ids"], batch["attention_mask"]))
+    captions = [tokenizer.decode(ids, skip_special_tokens=True).replace(" ", "") for ids in batch["input_ids"][:2]]
+    torch.testing.assert_close(loaded.encode_text(captions), model.encode_text(batch["input_ids"][:2],
+                                                                               batch["attention_mask"][:2]))
+
+
+def test_mlflow_run_has_params_metrics_and_artifacts(two_rank_run):
+    import mlflow
+
+    out = two_rank_run["out"]
+    client = mlflow.MlflowClient(f"sqlite:///{out.parent / 'mlflow.db'}")
+    run = client.get_run((out / "mlflow_run_id").read_text().strip())
+    assert run.data.params["preset"] == "tiny"
+    for key in ("loss", "lr", "samples_per_s", "data_wait", "skipped_samples", "eval/r1_i2t", "restarts"):
+        assert key in run.data.metrics, key
+    assert run.data.metrics["restarts"] == 1  # the resumed launch continued the same MLflow run
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"eval.json", "deepspeed_config.json"} <= artifacts
+
+
+def test_standalone_evaluate_cli(two_rank_run, data):
+    import subprocess
+    import sys
+
+    out = two_rank_run["tmp"] / "standalone_eval.json"
+    proc = subprocess.run([sys.executable, "-m", "wenlan.evaluate", "--checkpoint",
+                           str(two_rank_run["out"] / "checkpoints"), "--val-shards", str(data / "val-000000.tar"),
+                           "--tokenizer", str(data / "tokenizer"), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "image->text" in proc.stdout
+    assert json.loads(out.read_text())["r1_i2t"] == json.loads((two_rank_run["out"] / "eval.json").read_text())["r1_i2t"]
+
+
+def test_clip_objective_single_rank_zero0(data, tmp_path):
+    out = tmp_path / "clip"
+    launch(1, train_args(data, out, ds_config(tmp_path, 0, 32), 2, "--objective", "clip"))
+    state, run_state = read_consolidated(out / "checkpoints")
+    assert run_state["config"]["objective"]["name"] == "clip"
+    assert not any(k.startswith(("queues.", "model.momentum_")) for k in state)
