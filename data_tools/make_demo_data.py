@@ -308,7 +308,9 @@ def write_demo_shards(out_dir, n_train: int = 20000, n_val: int = 1000, seed: in
 
     combos = split_combos(n_train, n_val, seed)
     files = {}
-    with tqdm(total=n_train + n_val, desc="demo images", unit="img", disable=quiet) as bar:
+    # In a log file (no TTY) redraw rarely instead of hundreds of carriage-return updates.
+    interval = 0.1 if sys.stderr.isatty() else 10.0
+    with tqdm(total=n_train + n_val, desc="demo images", unit="img", disable=quiet, mininterval=interval) as bar:
         files["train"], train_captions = _write_shards(out, "train", combos["train"], seed, image_size, shard_size, workers, bar)
         files["val"], _ = _write_shards(out, "val", combos["val"], seed, image_size, shard_size, workers, bar)
 

@@ -25,11 +25,13 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
-def ds_config(tmp: Path, stage: int, micro: int) -> str:
+def ds_config(tmp: Path, stage: int, micro: int, bf16: bool = False) -> str:
     cfg = json.loads((ROOT / "ds_configs" / "cpu_tiny.json").read_text())
     cfg["zero_optimization"] = {"stage": stage}
     cfg["train_micro_batch_size_per_gpu"] = micro
-    path = tmp / f"ds_zero{stage}_mb{micro}.json"
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
+    path = tmp / f"ds_zero{stage}_mb{micro}{'_bf16' if bf16 else ''}.json"
     path.write_text(json.dumps(cfg))
     return str(path)
 
@@ -154,3 +156,15 @@ def test_clip_objective_single_rank_zero0(data, tmp_path):
     state, run_state = read_consolidated(out / "checkpoints")
     assert run_state["config"]["objective"]["name"] == "clip"
     assert not any(k.startswith(("queues.", "model.momentum_")) for k in state)
+
+
+def test_bf16_zero2_single_rank(data, tmp_path):
+    out = tmp_path / "bf16"
+    proc = launch(1, train_args(data, out, ds_config(tmp_path, 2, 32, bf16=True), 2))
+    assert "step      2/2" in proc.stdout
+    state, run_state = read_consolidated(out / "checkpoints")
+    assert run_state["zero_stage"] == 2
+    # the fp32 masters of trainable weights come back whole and finite
+    w = state["model.image_tower.head.fc1.weight"]
+    assert w.dtype == torch.float32 and torch.isfinite(w).all()
+    assert json.loads((out / "eval.json").read_text())["n_pairs"] == 96

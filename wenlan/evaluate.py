@@ -22,13 +22,14 @@ def embed_pairs(model, loader) -> tuple[torch.Tensor, torch.Tensor, int]:
     was_training = model.training
     model.eval()
     images, texts, skipped = [], [], 0
-    device = next(model.parameters()).device
+    param = next(model.parameters())
     for batch in loader:
         skipped += int(batch["skipped"])
         if batch["images"].shape[0] == 0:
             continue
-        images.append(model.encode_image(batch["images"].to(device)).float().cpu())
-        texts.append(model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu())
+        images.append(model.encode_image(batch["images"].to(param.device, param.dtype)).float().cpu())
+        texts.append(model.encode_text(batch["input_ids"].to(param.device),
+                                       batch["attention_mask"].to(param.device)).float().cpu())
     model.train(was_training)
     return torch.cat(images), torch.cat(texts), skipped
 

@@ -95,6 +95,8 @@ def run(cfg: TrainConfig) -> dict:
     module = ContrastivePretraining(model, cfg.objective)
     engine = build_engine(module, cfg)
     device = engine.device
+    # bf16 configs cast the module's weights; images must follow (token ids stay integers).
+    image_dtype = next(module.model.image_tower.parameters()).dtype
 
     step, samples_seen, restarts = 0, 0, 0
     where = ckpt.resolve_resume(cfg.resume, checkpoint_dir)
@@ -146,7 +148,7 @@ def run(cfg: TrainConfig) -> dict:
             batch = next(batches)
             window["data"] += time.perf_counter() - t0
             window["skipped"] += int(batch["skipped"])
-            images = batch["images"].to(device)
+            images = batch["images"].to(device, image_dtype)
             input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             ids = caption_ids(input_ids)
             use_queue = step >= cfg.objective.queue_warmup_steps

@@ -13,11 +13,13 @@ def info_nce(query: torch.Tensor, keys: torch.Tensor, queue: torch.Tensor, scale
     not count (never on the positive). Returns the mean loss and the share of queries whose best
     candidate is their positive.
     """
-    candidates = torch.cat([keys, queue])  # (B + K, E)
-    logits = scale * query @ candidates.t()  # (B, B + K)
+    # Similarities in fp32 whatever the towers run in: the queue is kept in fp32, and logits scaled
+    # by 1/T ~ 14-100 lose the ranking of close negatives in bf16.
+    candidates = torch.cat([keys.float(), queue.float()])  # (B + K, E)
+    logits = scale.float() * query.float() @ candidates.t()  # (B, B + K)
     logits = logits.masked_fill(excluded, float("-inf"))
     labels = torch.arange(query.shape[0], device=query.device)
-    loss = F.cross_entropy(logits.float(), labels)
+    loss = F.cross_entropy(logits, labels)
     accuracy = (logits.argmax(dim=1) == labels).float().mean()
     return loss, accuracy
 
