@@ -79,3 +79,36 @@ def test_brivl_1_0_shape():
     assert bert.config.vocab_size == 21128 and bert.config.num_hidden_layers == 12
     assert [any(p.requires_grad for p in layer.parameters()) for layer in bert.encoder.layer] == [False] * 8 + [True] * 4
     assert model.text_tower.head.fc1.in_features == 768 and model.text_tower.head.fc2.out_features == 2048
+
+
+def test_pretrained_weights_load_from_local_files(tmp_path):
+    """Backbone from a local timm checkpoint, text encoder from a save_pretrained directory."""
+    import dataclasses
+
+    import timm
+    import transformers
+    from safetensors.torch import save_file
+
+    cfg = get_preset("tiny")
+    torch.manual_seed(1)
+    backbone = timm.create_model(cfg.image.backbone, pretrained=False, num_classes=10,
+                                 **cfg.image.backbone_kwargs)  # with a classifier, as released checkpoints are
+    save_file(backbone.state_dict(), str(tmp_path / "backbone.safetensors"))
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=99, hidden_size=64, num_hidden_layers=1,
+                                                          num_attention_heads=2, intermediate_size=128),
+                                  add_pooling_layer=False)
+    bert.save_pretrained(tmp_path / "bert")
+
+    cfg = dataclasses.replace(cfg, image=dataclasses.replace(cfg.image, pretrained_path=str(tmp_path / "backbone.safetensors")),
+                              text=dataclasses.replace(cfg.text, pretrained_path=str(tmp_path / "bert")))
+    model = BriVL(cfg, momentum=False)
+    torch.testing.assert_close(model.image_tower.backbone.net.conv_stem.weight, backbone.conv_stem.weight)
+    torch.testing.assert_close(model.text_tower.bert.embeddings.word_embeddings.weight,
+                               bert.embeddings.word_embeddings.weight)
+    assert model.text_tower.head.fc1.in_features == 64  # the attention layers and head follow the loaded width
+    ids = torch.randint(1, 99, (2, 7))
+    assert model.encode_text(ids, torch.ones_like(ids)).shape == (2, 128)
+
+    wrong = dataclasses.replace(cfg.image, backbone="resnet10t", backbone_kwargs={})
+    with pytest.raises(ValueError, match="does not fit backbone"):
+        BriVL(dataclasses.replace(cfg, image=wrong), momentum=False)

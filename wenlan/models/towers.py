@@ -117,10 +117,23 @@ class ImageBackbone(nn.Module):
         self.num_features = self.net.num_features
         self.prefix_tokens = getattr(self.net, "num_prefix_tokens", 0)
         if cfg.pretrained_path:
-            timm.models.load_checkpoint(self.net, cfg.pretrained_path, strict=False)
+            self._load_pretrained(cfg.pretrained_path)
         if cfg.trainable_prefixes is not None:
             for name, p in self.net.named_parameters():
                 p.requires_grad_(name.startswith(tuple(cfg.trainable_prefixes)))
+
+    def _load_pretrained(self, path: str) -> None:
+        """A local timm checkpoint (.safetensors/.pth). Its classifier is dropped (this backbone has
+        none); any other mismatch is an error rather than a silently half-loaded backbone."""
+        state = timm.models.load_state_dict(path)
+        problem = f"image.pretrained_path={path!r} does not fit backbone {type(self.net).__name__}"
+        try:
+            missing, unexpected = self.net.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatches raise even when not strict
+            raise ValueError(f"{problem}: {err}") from None
+        unexpected = [k for k in unexpected if not k.startswith(("classifier.", "head.", "fc."))]
+        if missing or unexpected:
+            raise ValueError(f"{problem}: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.net.forward_features(images)
