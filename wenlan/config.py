@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from wenlan.data.pipeline import missing_local_shards
 from wenlan.losses.objective import ObjectiveConfig
 from wenlan.models.brivl import ModelConfig
 from wenlan.models.presets import get_preset
@@ -116,13 +117,7 @@ def batch_from_deepspeed(ds: dict, world_size: int) -> BatchConfig:
 
 
 def _check_shards(flag: str, shards: list[str]) -> None:
-    import braceexpand
-
-    missing = []
-    for pattern in shards:
-        for path in braceexpand.braceexpand(pattern):
-            if "://" not in path and not path.startswith("pipe:") and not Path(path).is_file():
-                missing.append(path)
+    missing = missing_local_shards(shards)
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise ValueError(f"{flag}: shard not found: {', '.join(missing[:3])}{more}. "

@@ -65,12 +65,13 @@ def load_model_from_checkpoint(checkpoint: Path) -> tuple[BriVL, ModelConfig]:
     state, run_state = read_consolidated(checkpoint)
     model_cfg = model_config_from_dict(run_state["config"]["model"])
     model = BriVL(model_cfg, momentum=False)
-    model.load_state_dict(_strip(export_names(state, full=False)), strict=True)
+    model.load_state_dict(tower_weights(export_names(state, full=False)), strict=True)
     return model.eval(), model_cfg
 
 
-def _strip(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in tensors.items() if k != "log_scale"}
+def tower_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The online towers of exported tensors, named as in BriVL's state dict."""
+    return {k: v for k, v in tensors.items() if k.startswith(("image_tower.", "text_tower."))}
 
 
 class WenLanModel(torch.nn.Module):
@@ -109,9 +110,7 @@ def load(path: str | Path) -> WenLanModel:
         metadata = f.metadata()
     model_cfg = model_config_from_dict(json.loads(metadata["wenlan_model"]))
     model = BriVL(model_cfg, momentum=False)
-    tensors = load_file(str(path))
-    online = {k: v for k, v in tensors.items() if k.startswith(("image_tower.", "text_tower."))}
-    model.load_state_dict(online, strict=True)
+    model.load_state_dict(tower_weights(load_file(str(path))), strict=True)
     tokenizer = None
     files = json.loads(metadata.get("wenlan_tokenizer", "{}"))
     if files:

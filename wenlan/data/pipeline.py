@@ -69,10 +69,9 @@ class DataConfig:
                 raise ValueError(f"DataConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0 or self.shuffle_buffer < 0:
             raise ValueError("DataConfig.num_workers and DataConfig.shuffle_buffer must be >= 0")
-        urls = self.expanded_shards()
-        if not urls:
+        if not self.expanded_shards():
             raise ValueError("DataConfig.shards is empty: give at least one tar shard")
-        missing = [u for u in urls if not _URL_SCHEME.match(u) and not os.path.isfile(u)]
+        missing = missing_local_shards(self.shards)
         if missing:
             shown = ", ".join(missing[:5]) + (f" ... ({len(missing)} in all)" if len(missing) > 5 else "")
             raise ValueError(f"DataConfig.shards: missing local shard files: {shown}")
@@ -80,6 +79,12 @@ class DataConfig:
     def expanded_shards(self) -> list[str]:
         """Shard list with brace notation expanded, in the given order."""
         return [u for pattern in self.shards for u in braceexpand.braceexpand(pattern)]
+
+
+def missing_local_shards(patterns: list[str]) -> list[str]:
+    """Local shard paths (brace notation expanded) that do not exist; URLs are not checked."""
+    urls = [u for pattern in patterns for u in braceexpand.braceexpand(pattern)]
+    return [u for u in urls if not _URL_SCHEME.match(u) and not os.path.isfile(u)]
 
 
 def _seed_of(*parts) -> int:

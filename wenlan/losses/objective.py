@@ -5,6 +5,7 @@ the text queue) and text queries against momentum image keys; loss = i2t + t2i a
 ``clip``: in-batch InfoNCE over the global batch, no momentum towers and no queues.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -100,8 +101,14 @@ class ContrastivePretraining(nn.Module):
         return loss, dict(acc_i2t=acc, temperature=1.0 / scale.detach()), None
 
 
+@functools.lru_cache(maxsize=8)
+def _hash_weights(length: int) -> torch.Tensor:
+    return torch.randint(1, 2**62, (length,), generator=torch.Generator().manual_seed(0))
+
+
 def caption_ids(input_ids: torch.Tensor) -> torch.Tensor:
     """(B, L) token ids -> (B,) int64 ids equal exactly for identical captions; a fixed random linear
-    hash (wrapping int64 arithmetic), the same on every rank and run."""
-    weights = torch.randint(1, 2**62, (input_ids.shape[1],), generator=torch.Generator().manual_seed(0))
-    return (input_ids.long().cpu() * weights).sum(dim=1).to(input_ids.device)
+    hash (wrapping int64 arithmetic), the same on every rank and run. Called every micro-step, so the
+    weights are drawn once per length."""
+    weights = _hash_weights(input_ids.shape[1]).to(input_ids.device)
+    return (input_ids.long() * weights).sum(dim=1)
