@@ -1,6 +1,13 @@
-"""wenlan.data: skip-and-count of bad samples, shapes, rank/worker partition, determinism."""
+"""wenlan.data: batches, skip-and-count of bad samples and shards, layout checks, img2dataset shards.
+
+World-size invariance and exact resume: test_data_order.py; malformed-input fuzzing: test_data_fuzz.py.
+The shard writers and the tokenizer fixture here are shared with those files.
+"""
 
 import io
+import json
+import tarfile
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -9,37 +16,57 @@ import webdataset as wds
 from PIL import Image
 
 from data_tools.make_demo_data import train_tokenizer
-from wenlan.data import DataConfig, eval_transform, load_tokenizer, make_eval_loader, make_train_loader, train_transform
+from wenlan.data import (DataConfig, default_streams, eval_transform, expand_shards, load_tokenizer, make_eval_loader,
+                         make_train_loader, missing_local_shards, train_transform)
+from wenlan.data.shards import tar_samples
 
 CAPTIONS = ["红色圆形在左上角", "蓝色方块在右下角", "绿色三角形在中间", "黄色星形在左侧"]
 
 
-def _jpeg(seed: int, size: int = 40) -> bytes:
+def jpeg(seed: int, size: int = 12) -> bytes:
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="JPEG")
     return buf.getvalue()
 
 
-def write_shards(root, n_shards: int, per_shard: int, bad: dict | None = None) -> list[str]:
-    """Shards of `per_shard` samples keyed s{shard}-{i}; `bad` maps key -> field overrides (None drops)."""
+def write_tar(path, samples: list[dict]) -> str:
+    with wds.TarWriter(str(path), encoder=False, mtime=0) as sink:
+        for sample in samples:
+            sink.write(sample)
+    return str(path)
+
+
+def write_shards(root, sizes, bad: dict | None = None, name: str = "shard-{:06d}.tar") -> list[str]:
+    """Shard s holds sizes[s] samples keyed s{s}-{i:03d}; `bad` maps key -> field overrides (None drops)."""
     bad = bad or {}
     paths = []
-    for s in range(n_shards):
-        path = root / f"shard-{s:06d}.tar"
-        with wds.TarWriter(str(path), encoder=False, mtime=0) as sink:
-            for i in range(per_shard):
-                key = f"s{s}-{i:03d}"
-                sample = {"__key__": key, "jpg": _jpeg(s * 1000 + i), "txt": CAPTIONS[i % 4].encode()}
-                sample.update(bad.get(key, {}))
-                sample = {k: v for k, v in sample.items() if v is not None}
-                sink.write(sample)
-        paths.append(str(path))
+    for s, n in enumerate(sizes):
+        samples = []
+        for i in range(n):
+            key = f"s{s}-{i:03d}"
+            sample = {"__key__": key, "jpg": jpeg(s * 1000 + i), "txt": CAPTIONS[i % 4].encode()}
+            sample.update(bad.get(key, {}))
+            samples.append({k: v for k, v in sample.items() if v is not None})
+        paths.append(write_tar(root / name.format(s), samples))
     return paths
 
 
-def all_keys(n_shards, per_shard):
-    return [f"s{s}-{i:03d}" for s in range(n_shards) for i in range(per_shard)]
+def member_offsets(path) -> dict[str, tuple[int, int]]:
+    """name -> (offset of its data, size) in a tar, for cutting shards at a chosen byte."""
+    with tarfile.open(path) as t:
+        return {m.name: (m.offset_data, m.size) for m in t.getmembers()}
+
+
+def cut(path, at: int) -> None:
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[:at])
+
+
+def short_key(key: str) -> str:
+    return key.split("#", 1)[1]
 
 
 @pytest.fixture(scope="module")
@@ -49,31 +76,31 @@ def tokenizer(tmp_path_factory):
     return load_tokenizer(str(out))
 
 
+def collect(loader):
+    """All keys (short form), skip counts by reason, and the batches of a finite loader."""
+    keys, skipped, batches = [], Counter(), []
+    for b in loader:
+        keys += [short_key(k) for k in b["keys"]]
+        skipped.update(b["skipped"])
+        batches.append(b)
+    return keys, skipped, batches
+
+
 @pytest.fixture
 def bad_shards(tmp_path):
     """3 shards x 10; one truncated JPEG, one whitespace caption, the latter last of all."""
-    truncated = _jpeg(7)[:300]
-    paths = write_shards(tmp_path, 3, 10, bad={"s1-004": {"jpg": truncated}, "s2-009": {"txt": b"  \n"}})
-    good = [k for k in all_keys(3, 10) if k not in ("s1-004", "s2-009")]
+    paths = write_shards(tmp_path, [10, 10, 10], bad={"s1-004": {"jpg": jpeg(7)[:300]}, "s2-009": {"txt": b"  \n"}})
+    good = [f"s{s}-{i:03d}" for s in range(3) for i in range(10) if (s, i) not in ((1, 4), (2, 9))]
     return paths, good
-
-
-def collect(loader):
-    keys, skipped, batches = [], 0, []
-    for b in loader:
-        keys += b["keys"]
-        skipped += b["skipped"]
-        batches.append(b)
-    return keys, skipped, batches
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_eval_skips_and_counts_bad_samples(bad_shards, tokenizer, num_workers):
     paths, good = bad_shards
     # 28 good samples in batches of 7: the trailing bad sample has no batch left to ride on.
-    cfg = DataConfig(shards=paths, batch_size=7, image_size=32, num_workers=num_workers)
+    cfg = DataConfig(shards=paths, batch_size=7, image_size=16, num_workers=num_workers)
     keys, skipped, batches = collect(make_eval_loader(cfg, tokenizer))
-    assert skipped == 2
+    assert skipped == {"undecodable image": 1, "empty caption": 1}
     assert sorted(keys) == sorted(good)
     if num_workers == 0:  # one worker: exact shard order, and only the final batch may be short
         assert keys == good
@@ -81,74 +108,213 @@ def test_eval_skips_and_counts_bad_samples(bad_shards, tokenizer, num_workers):
 
 
 def test_eval_keeps_short_last_batch_and_skips_missing_fields(tmp_path, tokenizer):
-    bad = {"s0-003": {"txt": None}, "s0-005": {"jpg": None}, "s0-006": {"jpg": b"not a jpeg"}}
-    paths = write_shards(tmp_path, 1, 10, bad=bad)
-    cfg = DataConfig(shards=paths, batch_size=4, image_size=32, num_workers=0)
-    keys, skipped, batches = collect(make_eval_loader(cfg, tokenizer))
-    assert skipped == 3 and keys == [k for k in all_keys(1, 10) if k not in bad]
-    assert [len(b["keys"]) for b in batches] == [4, 3]  # nothing dropped in eval
+    bad = {"s0-003": {"txt": None}, "s0-005": {"jpg": None}, "s0-006": {"jpg": b"not a jpeg"},
+           "s0-007": {"txt": b"\xff\xfe caption"}}
+    paths = write_shards(tmp_path, [10], bad=bad)
+    keys, skipped, batches = collect(make_eval_loader(DataConfig(shards=paths, batch_size=4, image_size=16,
+                                                                 num_workers=0), tokenizer))
+    assert keys == [f"s0-{i:03d}" for i in range(10) if f"s0-{i:03d}" not in bad]
+    assert skipped == {"missing caption": 1, "missing image": 1, "undecodable image": 1, "caption not utf-8": 1}
+    assert [len(b["keys"]) for b in batches] == [4, 2]  # nothing dropped in eval
 
 
-def test_train_batches_shapes_dtypes_drop_last(bad_shards, tokenizer):
+def test_train_step_batches_shapes_dtypes(bad_shards, tokenizer):
     paths, good = bad_shards
-    cfg = DataConfig(shards=paths, batch_size=8, image_size=32, max_text_len=16, num_workers=0,
-                     shuffle_buffer=5, color_augment=False)
-    keys, skipped, batches = collect(make_train_loader(cfg, tokenizer, rank=0, world_size=1, epochs=1))
-    full = [b for b in batches if b["keys"]]
-    assert len(full) == len(good) // 8 and len(keys) == 24  # 28 good -> 3 full batches, 4 dropped
-    assert skipped == 2  # skips in the dropped tail still arrive
-    for b in full:
-        assert b["images"].shape == (8, 3, 32, 32) and b["images"].dtype == torch.float32
-        assert b["input_ids"].shape == (8, 16) and b["input_ids"].dtype == torch.long
-        assert b["attention_mask"].shape == (8, 16) and b["attention_mask"].dtype == torch.long
+    cfg = DataConfig(shards=paths, image_size=16, max_text_len=16, num_workers=0, streams=2, shuffle_window=4,
+                     color_augment=False)
+    keys, skipped, batches = collect(make_train_loader(cfg, tokenizer, rank=0, world_size=1, global_batch=8,
+                                                       epochs=1))
+    # A finite pass delivers every good sample once; only the last steps may be short.
+    assert sorted(keys) == sorted(good) and len(keys) == len(set(keys))
+    assert skipped == {"undecodable image": 1, "empty caption": 1}
+    assert [len(b["keys"]) for b in batches[:2]] == [8, 8]  # the 1-shard stream runs out in step 3
+    for b in batches:
+        n = len(b["keys"])
+        assert b["images"].shape == (n, 3, 16, 16) and b["images"].dtype == torch.float32
+        assert b["input_ids"].shape == (n, 16) and b["input_ids"].dtype == torch.long
+        assert b["attention_mask"].shape == (n, 16) and b["attention_mask"].dtype == torch.long
         assert (b["input_ids"][:, 0] == tokenizer.cls_token_id).all()
-    assert set(keys) <= set(good)
+        assert set(b["position"]) == {0, 1}
+    # Stream c fills global positions [4c, 4c + 4) of every step, from its own shards only.
+    halves = [{short_key(k).split("-")[0] for b in batches[:2] for k in b["keys"][h * 4:(h + 1) * 4]} for h in (0, 1)]
+    assert halves[0] and halves[1] and not halves[0] & halves[1]
+    assert batches[-1]["position"] == {0: [1, 0, 0], 1: [1, 0, 0]}  # both streams through epoch 0
 
 
-@pytest.mark.parametrize("n_shards", [8, 3])  # 8 >= 2 ranks x 2 workers; 3 < 4 uses the per-sample split
-def test_ranks_and_workers_partition_one_epoch(tmp_path, tokenizer, n_shards):
-    paths = write_shards(tmp_path, n_shards, 5)
-    cfg = DataConfig(shards=paths, batch_size=1, image_size=16, num_workers=2, shuffle_buffer=4)
-    per_rank = [collect(make_train_loader(cfg, tokenizer, rank=r, world_size=2, epochs=1))[0] for r in (0, 1)]
+def test_two_ranks_partition_one_epoch(tmp_path, tokenizer):
+    paths = write_shards(tmp_path, [5, 6, 7, 4, 5, 6, 7, 4])
+    cfg = DataConfig(shards=paths, image_size=16, num_workers=2, streams=4, shuffle_window=3)
+    per_rank = [collect(make_train_loader(cfg, tokenizer, rank=r, world_size=2, global_batch=8, epochs=1))[0]
+                for r in (0, 1)]
     for keys in per_rank:
         assert len(keys) == len(set(keys)), "a sample reached two workers of one rank"
     assert not set(per_rank[0]) & set(per_rank[1]), "a sample reached both ranks"
-    assert sorted(per_rank[0] + per_rank[1]) == sorted(all_keys(n_shards, 5))
-    if n_shards == 8:  # shard-level split: a shard's samples all go to one rank
-        owner = {k.split("-")[0]: r for r, keys in enumerate(per_rank) for k in keys}
-        assert all(owner[k.split("-")[0]] == r for r, keys in enumerate(per_rank) for k in keys)
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(f"s{s}-{i:03d}" for s, n in enumerate([5, 6, 7, 4] * 2)
+                                                      for i in range(n))
+    owner = {k.split("-")[0]: r for r, keys in enumerate(per_rank) for k in keys}  # whole shards per rank
+    assert all(owner[k.split("-")[0]] == r for r, keys in enumerate(per_rank) for k in keys)
 
 
-def _first_batches(paths, tokenizer, seed, num_workers, n=4, epoch_offset=0):
-    cfg = DataConfig(shards=paths, batch_size=6, image_size=24, num_workers=num_workers, seed=seed,
-                     shuffle_buffer=10)
-    out = []
-    for b in make_train_loader(cfg, tokenizer, rank=0, world_size=1, epoch_offset=epoch_offset):
-        out.append(b)
-        if len(out) == n:
-            return out
+def _first_steps(paths, tokenizer, seed, num_workers, n=6):
+    cfg = DataConfig(shards=paths, image_size=16, num_workers=num_workers, seed=seed, streams=2, shuffle_window=4)
+    return [b for b, _ in zip(make_train_loader(cfg, tokenizer, 0, 1, global_batch=6), range(n))]
 
 
 def test_deterministic_for_seed(tmp_path, tokenizer):
-    paths = write_shards(tmp_path, 4, 6)
+    paths = write_shards(tmp_path, [6, 6, 6, 6])
     torch.manual_seed(123)
-    a = _first_batches(paths, tokenizer, seed=0, num_workers=0)
-    torch.manual_seed(456)  # the caller's global RNG must not matter
-    b = _first_batches(paths, tokenizer, seed=0, num_workers=1)  # nor worker processes
+    state = torch.get_rng_state()
+    a = _first_steps(paths, tokenizer, seed=0, num_workers=0)
+    assert torch.equal(torch.get_rng_state(), state), "the loader moved the caller's RNG"
+    torch.manual_seed(456)  # the caller's global RNG must not matter...
+    b = _first_steps(paths, tokenizer, seed=0, num_workers=1)  # ...nor worker processes
     assert [x["keys"] for x in a] == [x["keys"] for x in b]
     assert all(torch.equal(x["images"], y["images"]) for x, y in zip(a, b))
-    c = _first_batches(paths, tokenizer, seed=1, num_workers=0)
+    c = _first_steps(paths, tokenizer, seed=1, num_workers=0)
     assert [x["keys"] for x in a] != [x["keys"] for x in c]
-    # The stream runs past one epoch (24 samples, 4 x 6 = 24, then more).
-    assert len(_first_batches(paths, tokenizer, seed=0, num_workers=0, n=9)) == 9
+    assert a[-1]["position"][0][0] >= 1  # 6 steps x 6 samples run past the 24-sample epoch
+
+
+def test_layout_errors_name_fields_and_fix(tmp_path, tokenizer):
+    paths = write_shards(tmp_path, [2, 2, 2])
+    cfg = DataConfig(shards=paths, streams=4)
+    with pytest.raises(ValueError, match=r"3 shard\(s\) for DataConfig.streams=4.*at least 4 shards.*fewer streams"):
+        make_train_loader(cfg, tokenizer, 0, 1, global_batch=8)
+    with pytest.raises(ValueError, match=r"DataConfig.streams=4 is not a multiple of the world size 3.*streams=12"):
+        make_train_loader(cfg, tokenizer, 0, 3, global_batch=12)
+    with pytest.raises(ValueError, match=r"global batch 6 is not a multiple of DataConfig.streams=4"):
+        make_train_loader(cfg, tokenizer, 0, 2, global_batch=6)
+    ok = DataConfig(shards=paths, streams=2)
+    with pytest.raises(ValueError, match=r"position: .*2 streams.*got streams \[0, 1, 2, 3\]"):
+        make_train_loader(ok, tokenizer, 0, 1, global_batch=4, position={c: [0, 0, 0] for c in range(4)})
+    with pytest.raises(ValueError, match="DataConfig.streams=8"):  # the default for one rank is 8
+        make_train_loader(DataConfig(shards=paths), tokenizer, 0, 1, global_batch=8)
+    assert [default_streams(w) for w in (1, 2, 4, 8, 16, 3)] == [8, 8, 8, 8, 16, 24]
+
+
+def test_endless_stream_fails_when_no_shard_has_a_good_sample_but_rides_out_one_bad_shard(tmp_path, tokenizer):
+    all_bad = {f"s{s}-{i:03d}": {"txt": b""} for s in range(2) for i in range(3)}
+    paths = write_shards(tmp_path, [3, 3], bad=all_bad)
+    loader = make_train_loader(DataConfig(shards=paths, num_workers=0, streams=2), tokenizer, 0, 1, global_batch=2)
+    with pytest.raises(RuntimeError, match="none of the 2 shards gave a usable sample"):
+        next(iter(loader))
+    # One stream per shard: in some epochs a stream draws only the bad shard and must move on.
+    (tmp_path / "mixed").mkdir()
+    paths = write_shards(tmp_path / "mixed", [3, 3, 3], bad={f"s0-{i:03d}": {"txt": b""} for i in range(3)})
+    cfg = DataConfig(shards=paths, num_workers=0, streams=3, augment=False, image_size=8)
+    steps = [b for b, _ in zip(make_train_loader(cfg, tokenizer, 0, 1, global_batch=3), range(30))]
+    assert all(len(b["keys"]) == 3 for b in steps) and sum(b["skipped"].get("empty caption", 0) for b in steps)
+
+
+def test_tar_reader_tells_truncated_and_corrupt_shards_from_clean_ends(tmp_path):
+    [path] = write_shards(tmp_path, [4])
+    offsets = member_offsets(path)
+    data = open(path, "rb").read()
+    keys = [f"s0-{i:03d}" for i in range(4)]
+
+    def read(blob, skip=0):
+        p = tmp_path / "x.tar"
+        p.write_bytes(blob)
+        return [(s.reason if not isinstance(s, tuple) else s[0]) for s in tar_samples(str(p), skip=skip)]
+
+    assert read(data) == keys
+    assert read(data, skip=3) == keys[3:]
+    jpg_at, jpg_size = offsets["s0-002.jpg"]
+    txt_at, _ = offsets["s0-002.txt"]
+    end_of_last = offsets["s0-003.txt"][0] + 512  # end of the last member's data block
+    assert read(data[:jpg_at + jpg_size // 2]) == keys[:2] + ["truncated shard"]  # cut inside a file
+    assert read(data[:txt_at - 512]) == keys[:2] + ["truncated shard"]  # cut between members: s0-002 half there
+    assert read(data[:txt_at - 300]) == keys[:2] + ["truncated shard"]  # cut inside a header
+    assert read(data[:end_of_last]) == keys[:3] + ["truncated shard"]  # no end-of-archive block
+    assert read(data[:end_of_last + 512]) == keys  # one zero block is a clean end (as tarfile reads it)
+    garbage = data[:txt_at - 512] + bytes(range(256)) * 2 + data[txt_at:]
+    assert read(garbage) == keys[:2] + ["corrupt shard"]
+    assert read(b"") == ["truncated shard"]
+    assert read(bytes(range(256)) * 8) == ["corrupt shard"]
+    assert [s.reason for s in tar_samples(str(tmp_path / "nowhere.tar"))] == ["unreadable shard"]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_tar_reader_long_names_directories_and_loose_files(tmp_path, fmt):
+    long_key = "deep/" + "k" * 150  # over the 100-byte name field: a pax or GNU long-name header
+    members = [("deep", None), ("README", b"no extension: not part of any sample"),
+               (f"{long_key}.jpg", b"J"), (f"{long_key}.TXT", b"caption"), ("short.seg.png", b"P")]
+    path = tmp_path / "odd.tar"
+    with tarfile.open(path, "w", format=fmt) as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                t.addfile(info)
+            else:
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    assert list(tar_samples(str(path))) == [(long_key, {"jpg": b"J", "txt": b"caption"}), ("short", {"seg.png": b"P"})]
+
+
+def test_lost_shards_are_counted_and_the_rest_still_read(tmp_path, tokenizer):
+    paths = write_shards(tmp_path, [5, 5, 5])
+    offsets = member_offsets(paths[1])
+    cut(paths[1], offsets["s1-003.jpg"][0] + 10)
+    cfg = DataConfig(shards=paths, batch_size=4, image_size=16, num_workers=0)
+    keys, skipped, _ = collect(make_eval_loader(cfg, tokenizer))
+    assert skipped == {"truncated shard": 1}
+    assert keys == [f"s{s}-{i:03d}" for s in range(3) for i in range(5) if not (s == 1 and i >= 3)]
+
+
+def _img2dataset_dir(root) -> tuple[str, list[str]]:
+    """img2dataset's output layout: 00000.tar with {key}.jpg/.txt/.json, plus .parquet and _stats.json."""
+    out = root / "laion"
+    out.mkdir()
+    keys = []
+    for shard in range(2):
+        samples = []
+        for i in range(5):
+            key = f"{shard:05d}{i:04d}"
+            meta = {"url": f"http://example.com/{key}.jpg", "caption": CAPTIONS[i % 4], "key": key,
+                    "status": "success", "error_message": None, "width": 12, "height": 12,
+                    "original_width": 640, "original_height": 480, "exif": "{}", "sha256": "0" * 64}
+            sample = {"__key__": key, "jpg": jpeg(shard * 10 + i), "txt": CAPTIONS[i % 4].encode(),
+                      "json": json.dumps(meta).encode()}
+            if i == 4:
+                del sample["txt"]  # captions also live in the json
+            samples.append(sample)
+            keys.append(key)
+        write_tar(out / f"{shard:05d}.tar", samples)
+        (out / f"{shard:05d}.parquet").write_bytes(b"PAR1" + bytes(100) + b"PAR1")
+        (out / f"{shard:05d}_stats.json").write_text(json.dumps({"count": 5, "successes": 5}))
+    return str(out), keys
+
+
+def test_img2dataset_layout_loads_through_both_loaders(tmp_path, tokenizer):
+    out, keys = _img2dataset_dir(tmp_path)
+    tars = [f"{out}/00000.tar", f"{out}/00001.tar"]
+    assert expand_shards([out]) == tars
+    assert expand_shards([f"{out}/{{00000..00001}}.tar"]) == tars
+    side_files_too = sorted(str(p) for p in (tmp_path / "laion").iterdir())  # what `laion/*` expands to
+    assert expand_shards(side_files_too) == tars
+    assert missing_local_shards([out]) == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert missing_local_shards([str(empty)])
+    with pytest.raises(ValueError, match="no .*tar"):
+        DataConfig(shards=[str(empty)])
+
+    for shards in ([out], side_files_too):
+        cfg = DataConfig(shards=shards, batch_size=4, image_size=16, num_workers=1, streams=2, shuffle_window=3)
+        got, skipped, _ = collect(make_eval_loader(cfg, tokenizer))
+        assert got == keys and not skipped
+        got, skipped, batches = collect(make_train_loader(cfg, tokenizer, 0, 1, global_batch=4, epochs=1))
+        assert sorted(got) == keys and not skipped
+        assert all(b["images"].shape[1:] == (3, 16, 16) for b in batches)
 
 
 def test_missing_shard_names_field(tmp_path):
-    write_shards(tmp_path, 1, 2)
+    write_shards(tmp_path, [2])
     with pytest.raises(ValueError, match="shards.*shard-000001.tar"):
-        DataConfig(shards=[str(tmp_path / "shard-{000000..000001}.tar")], batch_size=2)
+        DataConfig(shards=[str(tmp_path / "shard-{000000..000001}.tar")])
     with pytest.raises(ValueError, match="shards"):
-        DataConfig(shards=[], batch_size=2)
+        DataConfig(shards=[])
 
 
 def test_load_tokenizer_missing_dir_names_flag(tmp_path):

@@ -1,13 +1,29 @@
-"""Data: webdataset streaming of image-caption shards, image transforms, tokenizer loading."""
+"""Data: webdataset streaming of image-caption shards in a world-size-invariant, exactly resumable
+order; image transforms; tokenizer loading."""
 
-from wenlan.data.pipeline import DataConfig, make_eval_loader, make_train_loader
+from wenlan.data.pipeline import (
+    DataConfig,
+    TrainLoader,
+    check_train_layout,
+    default_streams,
+    make_eval_loader,
+    make_train_loader,
+    merge_positions,
+)
+from wenlan.data.shards import expand_shards, missing_local_shards
 from wenlan.data.tokenizer import load_tokenizer
 from wenlan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
 __all__ = [
     "DataConfig",
+    "TrainLoader",
     "make_train_loader",
     "make_eval_loader",
+    "default_streams",
+    "check_train_layout",
+    "merge_positions",
+    "expand_shards",
+    "missing_local_shards",
     "load_tokenizer",
     "train_transform",
     "eval_transform",

@@ -1,90 +1,141 @@
-"""Streaming image-text batches from webdataset tar shards.
+"""Image-text batches from webdataset tar shards, in an order that does not depend on the world size
+and resumes exactly.
 
-Train: an endless stream. Each epoch the shard list is shuffled with (seed, epoch), the same on
-every rank, then split between ranks and DataLoader workers; a seeded shuffle buffer mixes
-samples within a worker; augmentation draws from a per-worker seeded generator. Eval: one
-deterministic pass over all shards, no shuffle, no augmentation, nothing dropped.
+Order. The data is read as C logical streams (DataConfig.streams, fixed for a run). In a stream's
+epoch e the shard list is shuffled with (seed, e), identically everywhere, and stream c reads shards
+perm[c::C] one after another; inside a shard, samples are read in tar order and shuffled within
+windows of `shuffle_window`. The global batch G of an optimizer step is C blocks of G/C good samples,
+block c from stream c, and rank r of W takes blocks [r*C/W, (r+1)*C/W) = global positions
+[r*G/W, (r+1)*G/W). So every rank's step batch is a slice of the one-rank step batch.
 
-Bad samples (undecodable image, missing or blank caption) are skipped and counted: every batch
-carries "skipped", the number of samples its worker skipped since its previous batch, so the sum
-over all batches is the total. A stream that ends with skips but no samples left to batch yields
-one final batch with B == 0 to deliver the count; consumers should add batch["skipped"] first and
-then `continue` when batch["keys"] is empty.
+Resume. A stream's position is [epoch, shard cursor in that epoch's list, samples consumed in the
+shard]. Every step batch carries its streams' positions after the step; a loader started from them
+continues exactly: the windows before the cursor are passed over in the tar without being read, and
+the cursor's window is re-read and re-shuffled. Augmentation draws from a generator seeded per sample
+(seed, epoch, shard, index in shard), so it is the same at any world size or worker count and after a
+resume. Bad samples are skipped and counted by reason; they use up positions like good ones.
+
+Workers. DataLoader worker j of a rank serves the rank's streams j, j + workers, ... and yields one
+item per step (its streams' blocks); the DataLoader returns the workers' items round robin, and
+TrainLoader joins each step's items in stream order. num_workers=0 gives the same batches.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
+import json
 import logging
+import math
 import os
 import random
-import re
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
-import braceexpand
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from wenlan.data.shards import ShardLost, expand_shards, missing_local_shards, tar_samples
 from wenlan.data.transforms import eval_transform, train_transform
 
-# The tokenizer is used inside forked DataLoader workers; its own thread pool would be unsafe there.
+# The tokenizer runs inside forked DataLoader workers; its own thread pool would be unsafe there.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_LOGGED_BAD = 5  # per worker; later bad samples are still counted, just not logged one by one
-_URL_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
+PIL_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own default decompression-bomb limit
+
+__all__ = ["DataConfig", "TrainLoader", "check_train_layout", "default_streams", "expand_shards", "make_eval_loader",
+           "make_train_loader", "merge_positions", "missing_local_shards"]
 
 
 @dataclass
 class DataConfig:
-    """Where the pairs come from and how they are batched (per rank).
+    """Where the pairs come from and how they are read.
 
+    shards: paths or URLs of tar shards; brace notation (`train-{000000..000019}.tar`) expands and a
+        local directory stands for the tar files in it.
+    batch_size: the eval loader's batch. A train step's batch is global_batch / world_size, given to
+        make_train_loader.
+    num_workers: DataLoader workers per rank; the train loader uses at most streams / world_size.
+    streams: C, the number of logical data streams (see the module docstring). A property of the run:
+        keep it when resuming, at any world size. None: taken from the resume position, else
+        default_streams(world_size).
+    shuffle_window: samples of a shard shuffled together (and held in memory) per stream.
     augment: BriVL's training augmentation (random resized crop + colour jitter + grayscale);
         False gives train images the eval view.
-    color_augment: with augment, also apply colour jitter and grayscale. Turn it off when captions
-        name colours (the demo set): a grayscale "red circle" is a false pair. No transform ever
-        flips horizontally, since captions name left and right.
+    color_augment: with augment, also colour jitter and grayscale. Turn it off when captions name
+        colours (the demo set): a grayscale "red circle" is a false pair. No transform ever flips
+        horizontally, since captions name left and right.
+    max_image_pixels: images with more pixels are skipped undecoded ("image too large"), a guard
+        against decompression bombs. PIL's own guard (twice its Image.MAX_IMAGE_PIXELS) still applies.
     """
 
-    shards: list[str]  # paths or URLs; `train-{000000..000019}.tar` expands
-    batch_size: int  # per-rank micro-batch
+    shards: list[str]
+    batch_size: int = 128
     image_size: int = 64
     max_text_len: int = 32
     num_workers: int = 1
-    shuffle_buffer: int = 1000
+    streams: int | None = None
+    shuffle_window: int = 1000
     seed: int = 0
     augment: bool = True
     color_augment: bool = True
+    max_image_pixels: int = PIL_MAX_IMAGE_PIXELS
 
     def __post_init__(self):
         if isinstance(self.shards, str):
             self.shards = [self.shards]
-        for name in ("batch_size", "image_size", "max_text_len"):
+        for name in ("batch_size", "image_size", "max_text_len", "shuffle_window", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DataConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_workers < 0 or self.shuffle_buffer < 0:
-            raise ValueError("DataConfig.num_workers and DataConfig.shuffle_buffer must be >= 0")
-        if not self.expanded_shards():
-            raise ValueError("DataConfig.shards is empty: give at least one tar shard")
+        if self.num_workers < 0:
+            raise ValueError(f"DataConfig.num_workers must be >= 0, got {self.num_workers}")
+        if self.streams is not None and self.streams < 1:
+            raise ValueError(f"DataConfig.streams must be >= 1 (or None for the default), got {self.streams}")
         missing = missing_local_shards(self.shards)
         if missing:
             shown = ", ".join(missing[:5]) + (f" ... ({len(missing)} in all)" if len(missing) > 5 else "")
             raise ValueError(f"DataConfig.shards: missing local shard files: {shown}")
+        if not self.expanded_shards():
+            raise ValueError("DataConfig.shards is empty: give at least one tar shard")
 
     def expanded_shards(self) -> list[str]:
-        """Shard list with brace notation expanded, in the given order."""
-        return [u for pattern in self.shards for u in braceexpand.braceexpand(pattern)]
+        """Shard list with brace notation and directories expanded, in the given order."""
+        return expand_shards(self.shards)
 
 
-def missing_local_shards(patterns: list[str]) -> list[str]:
-    """Local shard paths (brace notation expanded) that do not exist; URLs are not checked."""
-    urls = [u for pattern in patterns for u in braceexpand.braceexpand(pattern)]
-    return [u for u in urls if not _URL_SCHEME.match(u) and not os.path.isfile(u)]
+def default_streams(world_size: int) -> int:
+    """lcm(world_size, 8): world sizes 1, 2, 4 and 8 share C = 8, so a run can move between them."""
+    return math.lcm(world_size, 8)
+
+
+def check_train_layout(n_shards: int, streams: int, world_size: int, global_batch: int) -> None:
+    """Raise ValueError, naming the fields and the fix, unless W | C, C | G and C <= shards."""
+    if streams % world_size:
+        raise ValueError(f"DataConfig.streams={streams} is not a multiple of the world size {world_size}: "
+                         f"each rank reads whole streams. Use streams={math.lcm(streams, world_size)} for a new "
+                         f"run, or a world size that divides {streams} to continue this one")
+    if global_batch % streams:
+        raise ValueError(f"the global batch {global_batch} is not a multiple of DataConfig.streams={streams}: "
+                         f"each step takes global_batch / streams samples from every stream. Use a global batch "
+                         f"that is a multiple of {streams}, or (new runs only) a streams value dividing "
+                         f"{global_batch} and a multiple of the world size {world_size}")
+    if n_shards < streams:
+        raise ValueError(f"{n_shards} shard(s) for DataConfig.streams={streams}: every stream needs at least one "
+                         f"shard per epoch. Write the data as at least {streams} shards, or (new runs only) use "
+                         f"fewer streams (a multiple of the world size {world_size} dividing the global batch)")
+
+
+def merge_positions(per_rank: list[dict]) -> dict[int, list[int]]:
+    """One position dict for all streams from the ranks' `batch["position"]` dicts (after an all-gather)."""
+    return {int(c): [int(x) for x in p] for d in per_rank for c, p in d.items()}
 
 
 def _seed_of(*parts) -> int:
@@ -92,183 +143,347 @@ def _seed_of(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
-class _BadSample(Exception):
-    pass
+class _Bad(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason} ({detail})" if detail else reason)
+        self.reason = reason
 
 
-def _decode(sample: dict, transform) -> tuple[str, torch.Tensor, str]:
-    """(key, image # (3, H, W), caption), or _BadSample saying why not."""
-    image_bytes = next((sample[k] for k in IMAGE_EXTS if k in sample), None)
-    if image_bytes is None:
-        raise _BadSample("no image")
-    raw = sample.get("txt")
-    try:
-        caption = raw.decode("utf-8").strip() if raw is not None else ""
-    except UnicodeDecodeError:
-        raise _BadSample("caption is not utf-8") from None
+def _caption(fields: dict[str, bytes]) -> str:
+    if "txt" in fields:
+        try:
+            caption = fields["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Bad("caption not utf-8") from None
+    else:  # img2dataset also keeps the caption in the sample's json
+        try:
+            meta = json.loads(fields["json"]) if "json" in fields else None
+        except (ValueError, RecursionError):
+            meta = None
+        caption = meta.get("caption") if isinstance(meta, dict) else None
+        if not isinstance(caption, str):
+            raise _Bad("missing caption")
+    caption = caption.strip()
     if not caption:
-        raise _BadSample("missing or empty caption")
+        raise _Bad("empty caption")
+    return caption
+
+
+def _decode(fields: dict[str, bytes], transform, max_pixels: int, seed: int | None) -> tuple[torch.Tensor, str]:
+    """(image # (3, H, W), caption), or _Bad saying why not. `seed`: the transform's random draws."""
+    ext = next((e for e in IMAGE_EXTS if e in fields), None)
+    if ext is None:
+        raise _Bad("missing image")
+    caption = _caption(fields)
     try:
-        with Image.open(io.BytesIO(image_bytes)) as im:
-            image = im.convert("RGB")  # forces the full decode, so truncated files fail here
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels is checked below
+            with Image.open(io.BytesIO(fields[ext])) as im:
+                if im.width * im.height > max_pixels:  # checked on the header, before decoding
+                    raise _Bad("image too large", f"{im.width}x{im.height}")
+                image = im.convert("RGB")  # forces the full decode, so truncated files fail here
+    except Image.DecompressionBombError as e:  # over twice PIL's own limit, refused in Image.open
+        raise _Bad("image too large", str(e)) from None
+    except _Bad:
+        raise
     except Exception as e:  # PIL raises many types for bad bytes
-        raise _BadSample(f"undecodable image ({type(e).__name__}: {e})") from None
-    return sample["__key__"], transform(image), caption
+        raise _Bad("undecodable image", f"{type(e).__name__}: {e}") from None
+    try:
+        if seed is None:
+            return transform(image), caption
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG is left as it was
+            torch.default_generator.manual_seed(seed)
+            return transform(image), caption
+    except Exception as e:  # e.g. a degenerate size the transform cannot handle
+        raise _Bad("undecodable image", f"transform: {type(e).__name__}: {e}") from None
 
 
-def _read_shards(urls: list[str]) -> Iterator[dict]:
-    """Raw samples ({"__key__", "jpg", "txt", ...}) of the shards in order."""
-    from webdataset.tariterators import tarfile_samples
+class _SkipLog:
+    """Logs a worker's first MAX_LOGGED_BAD bad samples one by one and every lost shard."""
 
-    def on_error(exn):
-        # A shard that cannot be opened or read is not a bad sample we can count: say so loudly.
-        log.warning("shard read error, rest of the shard is lost: %r", exn)
-        return True
+    def __init__(self):
+        self.logged = 0
 
-    for url in urls:
-        yield from tarfile_samples(iter([{"url": url}]), handler=on_error)
+    def sample(self, url: str, key: str, bad: _Bad) -> None:
+        if self.logged < MAX_LOGGED_BAD:
+            self.logged += 1
+            more = "; further bad samples are counted but not logged" if self.logged == MAX_LOGGED_BAD else ""
+            log.warning("skipping sample %s in %s: %s%s", key, url, bad, more)
+
+    @staticmethod
+    def shard(url: str, lost: ShardLost) -> None:
+        log.warning("%s: %s (%s); the rest of this shard is skipped", url, lost.reason, lost.detail)
 
 
-class ShardStream(IterableDataset):
-    """Batches from `urls`, split between `world_size` ranks x DataLoader workers.
+def _window_shuffled(url: str, start: int, window: int, seed_parts: tuple) -> Iterator:
+    """(raw index, key, fields) of a shard from position `start` of its window-shuffled order, then its
+    ShardLost if any. One window of raw bytes is held; whole windows before `start` are not read."""
+    first = start // window
+    raw = tar_samples(url, skip=first * window)
+    for w in itertools.count(first):
+        chunk = list(itertools.islice(raw, window))
+        lost = chunk.pop() if chunk and isinstance(chunk[-1], ShardLost) else None
+        order = list(range(len(chunk)))
+        random.Random(_seed_of(*seed_parts, w)).shuffle(order)
+        for j in order[start - first * window if w == first else 0:]:
+            yield (w * window + j, *chunk[j])
+        if lost is not None:
+            yield lost
+        if lost is not None or len(chunk) < window:
+            return
 
-    With at least as many shards as ranks x workers, each (rank, worker) reads every n-th shard
-    of the epoch's shuffled list. With fewer, every worker reads all shards and keeps every n-th
-    sample: correct and disjoint, but each worker then reads n times the data, so give
-    production runs plenty of shards.
-    """
 
-    def __init__(self, urls: list[str], cfg: DataConfig, tokenizer, transform, *, rank: int = 0,
-                 world_size: int = 1, epoch_offset: int = 0, epochs: int | None = None,
-                 shuffle: bool = True, drop_last: bool = True, rng_transform: bool = True):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
-        self.urls, self.cfg, self.tokenizer, self.transform = list(urls), cfg, tokenizer, transform
-        self.rank, self.world_size = rank, world_size
-        self.epoch_offset, self.epochs = epoch_offset, epochs
-        self.shuffle, self.drop_last, self.rng_transform = shuffle, drop_last, rng_transform
+class _Stream:
+    """Logical stream `index` of `n_streams`: good samples in stream order, and its position."""
 
-    def _epoch_samples(self, epoch: int, split: int, n_splits: int) -> Iterator[dict]:
-        urls = list(self.urls)
-        if self.shuffle:
-            # Same order on every rank and worker: the split below must partition one list.
-            random.Random(_seed_of(self.cfg.seed, epoch, "shards")).shuffle(urls)
-        if len(urls) >= n_splits:
-            yield from _read_shards(urls[split::n_splits])
-        else:
-            for i, sample in enumerate(_read_shards(urls)):
-                if i % n_splits == split:
-                    yield sample
+    def __init__(self, index: int, n_streams: int, urls: list[str], cfg: DataConfig, transform,
+                 position: list[int], epochs: int | None, skip_log: _SkipLog):
+        self.index, self.n_streams, self.urls, self.cfg, self.transform = index, n_streams, urls, cfg, transform
+        self.epoch, self.shard, self.sample = position
+        self.epochs, self.skip_log = epochs, skip_log
+        self.exhausted = False
+        self._items = self._walk()
 
-    def _samples(self, split: int, n_splits: int) -> Iterator[dict]:
-        epoch = self.epoch_offset
-        while self.epochs is None or epoch < self.epoch_offset + self.epochs:
-            yield from self._epoch_samples(epoch, split, n_splits)
-            epoch += 1
+    @property
+    def position(self) -> list[int]:
+        return [self.epoch, self.shard, self.sample]
+
+    def shards(self, epoch: int) -> list[int]:
+        """Indices (into urls) of this stream's shards in `epoch`: one permutation, split C ways."""
+        order = list(range(len(self.urls)))
+        random.Random(_seed_of(self.cfg.seed, epoch, "shards")).shuffle(order)
+        return order[self.index::self.n_streams]
+
+    def _walk(self) -> Iterator[tuple[tuple | None, str | None]]:
+        """(item, None) per good sample and (None, reason) per skip; the position is kept right after
+        each good sample, which is where every block but a stream's last ends."""
+        cfg = self.cfg
+        barren = set()  # shards read whole since the last good sample, none of them giving one
+        while self.epochs is None or self.epoch < self.epochs:
+            shards = self.shards(self.epoch)
+            while self.shard < len(shards):
+                # Seeds use the shard's index in the list rather than its URL, so moving the data keeps the order.
+                index, url = shards[self.shard], self.urls[shards[self.shard]]
+                whole = self.sample == 0
+                for got in _window_shuffled(url, self.sample, cfg.shuffle_window, (cfg.seed, self.epoch, index)):
+                    if isinstance(got, ShardLost):
+                        self.skip_log.shard(url, got)
+                        yield None, got.reason
+                        break
+                    raw_index, key, fields = got
+                    self.sample += 1
+                    seed = _seed_of(cfg.seed, self.epoch, index, raw_index) if cfg.augment else None
+                    try:
+                        image, caption = _decode(fields, self.transform, cfg.max_image_pixels, seed)
+                    except _Bad as e:
+                        self.skip_log.sample(url, key, e)
+                        yield None, e.reason
+                        continue
+                    whole = False
+                    barren.clear()
+                    yield (f"{url}#{key}", image, caption), None
+                if whole:
+                    barren.add(index)
+                    if len(barren) == len(self.urls) and self.epochs is None:  # endless, and nothing will come
+                        raise RuntimeError(f"data stream {self.index}: none of the {len(self.urls)} shards gave a "
+                                           "usable sample (see the skip warnings); check the shards")
+                self.shard, self.sample = self.shard + 1, 0
+            self.epoch, self.shard, self.sample = self.epoch + 1, 0, 0
+
+    def block(self, size: int) -> tuple[list, Counter]:
+        """The next `size` good samples (fewer at the stream's end) and the skips on the way."""
+        items, skipped = [], Counter()
+        while len(items) < size and not self.exhausted:
+            got = next(self._items, None)
+            if got is None:
+                self.exhausted = True
+            elif got[1] is not None:
+                skipped[got[1]] += 1
+            else:
+                items.append(got[0])
+        return items, skipped
+
+
+def _collate(items: list, skipped: Counter, tokenizer, image_size: int, text_len: int) -> dict:
+    if items:
+        keys, images, captions = zip(*items)
+        tok = tokenizer(list(captions), padding="max_length", truncation=True, max_length=text_len,
+                        return_tensors="pt")
+        images, ids, mask = torch.stack(images), tok["input_ids"].long(), tok["attention_mask"].long()
+    else:
+        keys, images = (), torch.zeros(0, 3, image_size, image_size)
+        ids = mask = torch.zeros(0, text_len, dtype=torch.long)
+    return {
+        "images": images,  # (B, 3, H, W)
+        "input_ids": ids,  # (B, L)
+        "attention_mask": mask,  # (B, L)
+        "keys": list(keys),
+        "skipped": dict(skipped),
+    }
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+def _as_is(item):
+    return item
+
+
+def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
+    # Its own generator: starting the DataLoader would otherwise draw a worker seed from the caller's
+    # global RNG (the workers need none: augmentation is seeded per sample).
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_as_is,
+                      prefetch_factor=2 if num_workers else None, generator=torch.Generator().manual_seed(0))
+
+
+class _RankStreams(IterableDataset):
+    """A rank's streams; worker j of n serves streams[j::n] and yields one item per step:
+    {"worker": j, "last": no more items after this one, "blocks": {stream: block dict}}."""
+
+    def __init__(self, cfg: DataConfig, tokenizer, transform, urls: list[str], streams: list[int], n_streams: int,
+                 block_size: int, start: dict[int, list[int]], epochs: int | None):
+        self.cfg, self.tokenizer, self.transform, self.urls = cfg, tokenizer, transform, urls
+        self.streams, self.n_streams, self.block_size, self.start, self.epochs = \
+            streams, n_streams, block_size, start, epochs
 
     def __iter__(self):
-        info = get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        split, n_splits = self.rank * n_workers + worker, self.world_size * n_workers
-        stream_id = (self.cfg.seed, self.epoch_offset, split, n_splits)
-        samples = self._samples(split, n_splits)
-        if self.shuffle and self.cfg.shuffle_buffer > 1:
-            samples = _shuffled(samples, self.cfg.shuffle_buffer, random.Random(_seed_of(*stream_id, "buffer")))
-        # Augmentation draws from this stream's own generator state, so a stream is reproducible
-        # with or without worker processes and the caller's global RNG is left untouched.
-        rng_state = torch.Generator().manual_seed(_seed_of(*stream_id, "augment")).get_state()
-
-        pending: list[tuple[str, torch.Tensor, str]] = []
-        skipped = logged = 0
-        batch_size = self.cfg.batch_size
-        for sample in samples:
-            try:
-                if self.rng_transform:
-                    with torch.random.fork_rng(devices=[]):
-                        torch.set_rng_state(rng_state)
-                        pending.append(_decode(sample, self.transform))
-                        rng_state = torch.get_rng_state()
-                else:
-                    pending.append(_decode(sample, self.transform))
-            except _BadSample as e:
-                skipped += 1
-                if logged < MAX_LOGGED_BAD:
-                    logged += 1
-                    more = "; further bad samples are counted but not logged" if logged == MAX_LOGGED_BAD else ""
-                    log.warning("skipping sample %s from %s: %s%s", sample.get("__key__"), sample.get("__url__"), e, more)
-                continue
-            if len(pending) == batch_size:
-                yield self._collate(pending, skipped)
-                pending, skipped = [], 0
-        if pending and not self.drop_last:
-            yield self._collate(pending, skipped)
-        elif skipped:
-            yield self._collate([], skipped)
-
-    def _collate(self, items: list, skipped: int) -> dict:
-        size, length = self.cfg.image_size, self.cfg.max_text_len
-        if not items:
-            empty = torch.zeros(0, length, dtype=torch.long)
-            return {"images": torch.zeros(0, 3, size, size), "input_ids": empty, "attention_mask": empty.clone(),
-                    "keys": [], "skipped": skipped}
-        keys, images, captions = zip(*items)
-        tok = self.tokenizer(list(captions), padding="max_length", truncation=True, max_length=length,
-                             return_tensors="pt")
-        return {
-            "images": torch.stack(images),  # (B, 3, H, W)
-            "input_ids": tok["input_ids"].long(),  # (B, L)
-            "attention_mask": tok["attention_mask"].long(),  # (B, L)
-            "keys": list(keys),
-            "skipped": skipped,
-        }
+        worker, n_workers = _worker()
+        skip_log = _SkipLog()
+        mine = [_Stream(c, self.n_streams, self.urls, self.cfg, self.transform, self.start[c], self.epochs, skip_log)
+                for c in self.streams[worker::n_workers]]
+        while True:
+            blocks = {}
+            for s in mine:
+                items, skipped = s.block(self.block_size)
+                blocks[s.index] = _collate(items, skipped, self.tokenizer, self.cfg.image_size, self.cfg.max_text_len)
+                blocks[s.index]["position"] = s.position
+            last = all(s.exhausted for s in mine)
+            yield {"worker": worker, "last": last, "blocks": blocks}
+            if last:
+                return
 
 
-def _shuffled(samples: Iterator, size: int, rng: random.Random) -> Iterator:
-    """Shuffle buffer: yields a random element of the last `size` seen."""
-    buf = []
-    for s in samples:
-        if len(buf) < size:
-            buf.append(s)
-            continue
-        i = rng.randrange(size)
-        buf[i], s = s, buf[i]
-        yield s
-    rng.shuffle(buf)
-    yield from buf
+class TrainLoader:
+    """Step batches of one rank, one per optimizer step (see make_train_loader)."""
+
+    def __init__(self, dataset: _RankStreams, num_workers: int):
+        self.dataset, self.num_workers = dataset, num_workers
+
+    def __iter__(self) -> Iterator[dict]:
+        loader = _loader(self.dataset, self.num_workers)
+        items = iter(loader)
+        streams = self.dataset.streams
+        position = {c: list(self.dataset.start[c]) for c in streams}
+        active = list(range(max(self.num_workers, 1)))
+        while active:
+            # The DataLoader hands out items round robin over the workers still running.
+            got = [next(items) for _ in active]
+            if [g["worker"] for g in got] != active:
+                raise RuntimeError(f"data workers out of step: expected items of {active}, got {[g['worker'] for g in got]}")
+            blocks = {c: b for g in got for c, b in g["blocks"].items()}
+            parts = [blocks[c] for c in streams if c in blocks]  # stream order = global batch order
+            skipped = Counter()
+            for c, b in blocks.items():
+                skipped.update(b["skipped"])
+                position[c] = b["position"]
+            yield {
+                "images": torch.cat([b["images"] for b in parts]),  # (G/W, 3, H, W)
+                "input_ids": torch.cat([b["input_ids"] for b in parts]),  # (G/W, L)
+                "attention_mask": torch.cat([b["attention_mask"] for b in parts]),  # (G/W, L)
+                "keys": [k for b in parts for k in b["keys"]],
+                "skipped": dict(skipped),
+                "position": {c: list(p) for c, p in position.items()},
+            }
+            active = [g["worker"] for g in got if not g["last"]]
 
 
-def _loader(dataset: ShardStream, num_workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      prefetch_factor=2 if num_workers > 0 else None)
+def _start_positions(position: dict | None, streams: int) -> dict[int, list[int]]:
+    if position is None:
+        return {c: [0, 0, 0] for c in range(streams)}
+    start = merge_positions([position])
+    if sorted(start) != list(range(streams)) or any(len(p) != 3 or min(p) < 0 for p in start.values()):
+        raise ValueError(f"position: expected [epoch, shard_cursor, sample_cursor] for each of the {streams} "
+                         f"streams 0..{streams - 1} (DataConfig.streams={streams}), got streams {sorted(start)}. "
+                         "Resume with the streams value the run started with, from the merged positions of all ranks")
+    return start
 
 
-def make_train_loader(cfg: DataConfig, tokenizer, rank: int, world_size: int, epoch_offset: int = 0,
-                      *, epochs: int | None = None) -> DataLoader:
-    """Endless per-rank training batches (`epochs` makes it finite, for tests and tools).
+def make_train_loader(cfg: DataConfig, tokenizer, rank: int, world_size: int, *, global_batch: int,
+                      position: dict | None = None, epochs: int | None = None) -> TrainLoader:
+    """Step batches for `rank` of `world_size`, endless unless `epochs` is given (tests and tools).
 
-    Yields {"images": (B, 3, H, W) float, "input_ids": (B, L) long, "attention_mask": (B, L) long,
-    "keys": list[str], "skipped": int}, B = cfg.batch_size (partial batches are dropped). To
-    resume, pass the epoch to start from as epoch_offset; rank and world_size are explicit, never
-    read from the environment.
+    Each item is one optimizer step's share of the global batch, B = global_batch / world_size:
+    {"images": (B, 3, H, W) float, "input_ids": (B, L) long, "attention_mask": (B, L) long,
+    "keys": list[str] ("url#key"), "skipped": {reason: count} this step,
+    "position": {stream: [epoch, shard_cursor, sample_cursor]} of this rank's streams after the step}.
+    `position`: the merged positions of all streams (merge_positions of every rank's last batch) to
+    resume from; any world size dividing the streams count works. With `epochs`, each stream stops
+    after that many epochs (counted from 0) and the last steps are short, so every sample of the
+    rank's streams is delivered; ranks may then end at different steps.
     """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    urls = cfg.expanded_shards()
+    if cfg.streams is not None:
+        n_streams = cfg.streams
+    else:
+        n_streams = len(position) if position else default_streams(world_size)
+    check_train_layout(len(urls), n_streams, world_size, global_batch)
+    start = _start_positions(position, n_streams)
+    per_rank = n_streams // world_size
+    streams = list(range(rank * per_rank, (rank + 1) * per_rank))
     if cfg.augment:
         transform = train_transform(cfg.image_size, color_augment=cfg.color_augment)
     else:
         transform = eval_transform(cfg.image_size)
-    stream = ShardStream(cfg.expanded_shards(), cfg, tokenizer, transform, rank=rank, world_size=world_size,
-                         epoch_offset=epoch_offset, epochs=epochs, shuffle=True, drop_last=True,
-                         rng_transform=cfg.augment)
-    return _loader(stream, cfg.num_workers)
+    dataset = _RankStreams(cfg, tokenizer, transform, urls, streams, n_streams, global_batch // n_streams,
+                           start, epochs)
+    return TrainLoader(dataset, min(cfg.num_workers, per_rank))
+
+
+class _EvalPass(IterableDataset):
+    """Worker j of n reads shards[j::n] in order, batches of cfg.batch_size, the last one short."""
+
+    def __init__(self, cfg: DataConfig, tokenizer, urls: list[str]):
+        self.cfg, self.tokenizer, self.urls = cfg, tokenizer, urls
+        self.transform = eval_transform(cfg.image_size)
+
+    def __iter__(self):
+        worker, n_workers = _worker()
+        cfg, skip_log = self.cfg, _SkipLog()
+        pending, skipped = [], Counter()
+        for url in self.urls[worker::n_workers]:
+            for got in tar_samples(url):
+                if isinstance(got, ShardLost):
+                    skip_log.shard(url, got)
+                    skipped[got.reason] += 1
+                    continue
+                key, fields = got
+                try:
+                    image, caption = _decode(fields, self.transform, cfg.max_image_pixels, None)
+                except _Bad as e:
+                    skip_log.sample(url, key, e)
+                    skipped[e.reason] += 1
+                    continue
+                pending.append((f"{url}#{key}", image, caption))
+                if len(pending) == cfg.batch_size:
+                    yield _collate(pending, skipped, self.tokenizer, cfg.image_size, cfg.max_text_len)
+                    pending, skipped = [], Counter()
+        if pending or skipped:
+            yield _collate(pending, skipped, self.tokenizer, cfg.image_size, cfg.max_text_len)
 
 
 def make_eval_loader(cfg: DataConfig, tokenizer) -> DataLoader:
-    """One pass over all shards: eval transform, no shuffle, every good sample (last batch may be short).
+    """One deterministic pass over all shards: eval transform, no shuffle, every good sample.
 
-    With one worker (or num_workers=0) batches follow shard order exactly; with more, workers
-    take every n-th shard and batches interleave in a fixed order, so the pass is still
-    deterministic. Same batch dict as make_train_loader.
+    Batches {"images", "input_ids", "attention_mask", "keys", "skipped": {reason: count}} of
+    cfg.batch_size, the last one short; skips after the last good sample arrive in a final batch with
+    B == 0 (add batch["skipped"], then skip empty batches). With one worker (or none) batches follow
+    shard order exactly; with more, workers take every n-th shard and their batches interleave in a
+    fixed order.
     """
     urls = cfg.expanded_shards()
-    stream = ShardStream(urls, cfg, tokenizer, eval_transform(cfg.image_size), epochs=1, shuffle=False,
-                         drop_last=False, rng_transform=False)
-    return _loader(stream, min(cfg.num_workers, len(urls)))
+    workers = min(cfg.num_workers, len(urls))
+    return _loader(_EvalPass(cfg, tokenizer, urls), workers)
