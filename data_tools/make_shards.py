@@ -251,7 +251,7 @@ def run(args) -> int:
     (out / "stats").mkdir(exist_ok=True)
     clean = CleanOptions(args.min_caption_chars, args.max_caption_chars, args.t2s, args.max_pixels, args.min_side,
                          args.max_side, args.jpeg_quality, args.max_file_bytes)
-    image_root = args.image_root or str(paths[0].parent)
+    image_root = str(Path(args.image_root or paths[0].parent).resolve())  # one spelling for every task
     spec = ShardSpec(str(out), args.prefix, args.shard_size, columns, clean,
                      FetchOptions(image_root, args.timeout, args.retries, args.fetch_threads))
     check_config(out, {
@@ -357,8 +357,8 @@ def _dedup_only(out: Path, args) -> int:
     num_blocks = -(-rows // args.shard_size)
     missing = sorted(set(range(num_blocks)) - finished_blocks(out, args.prefix))
     if missing:
-        shown = ", ".join(shard_name(args.prefix, b) for b in missing[:5])
-        raise SystemExit(f"error: {len(missing)} of {num_blocks} shards are not finished ({shown}...); re-run "
+        shown = ", ".join(shard_name(args.prefix, b) for b in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise SystemExit(f"error: {len(missing)} of {num_blocks} shards are not finished ({shown}); re-run "
                          f"their tasks (shard k belongs to task k % num_tasks) before --dedup-only")
     summary = finish_dataset(out, args.prefix, num_blocks, rows, args.workers, log=lambda line: _say(args, line))
     _say(args, _summary_line(summary, out))
