@@ -1,4 +1,5 @@
-"""Queue InfoNCE against a plain reference, queue pointer arithmetic, EMA, CLIP loss."""
+"""Queue InfoNCE against a plain reference, queue pointer arithmetic and sharding, checkpoint state,
+batch validation, EMA, CLIP loss (single process; tests/test_queue_distributed.py covers the ranks)."""
 
 import math
 
@@ -6,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wenlan.losses import KeyQueues, caption_ids, clip_loss, exclusion_mask, info_nce
-from wenlan.losses.objective import ObjectiveConfig
+from wenlan.losses.infonce import batch_exclusion, clip_loss, exclusion_mask, info_nce, queue_logsumexp
+from wenlan.losses.objective import ContrastivePretraining, ObjectiveConfig, caption_ids, queue_objective
+from wenlan.losses.queue import KeyQueues, consolidate, shard
 from wenlan.models import BriVL, get_preset, momentum_update
 
 E = 8
@@ -40,36 +42,67 @@ def fill(queues: KeyQueues, batches: int, batch: int, seed: int) -> None:
                        torch.arange(batch) + 1000 * (b + 1))
 
 
-@pytest.mark.parametrize("state", ["partly_filled", "wrapped"])
+def scored(queues, img_q, txt_q, img_k, txt_k, ids, log_scale, cfg, use_queue=True):
+    return queue_objective(img_q, txt_q, img_k, txt_k, ids, queues, log_scale.exp(), cfg, use_queue)
+
+
+@pytest.mark.parametrize("state", ["empty", "partly_filled", "wrapped"])
 @pytest.mark.parametrize("in_batch", [True, False])
 @pytest.mark.parametrize("mask_dup", [True, False])
-def test_queue_infonce_matches_reference_both_directions(state, in_batch, mask_dup):
+@pytest.mark.parametrize("use_queue", [True, False])
+def test_queue_objective_matches_reference_both_directions(state, in_batch, mask_dup, use_queue):
     B, K = 4, 12
     queues = KeyQueues(K, E)
-    fill(queues, 2 if state == "partly_filled" else 5, 3, seed=1)  # 6 of 12, or wrapped past the end
+    fill(queues, {"empty": 0, "partly_filled": 2, "wrapped": 5}[state], 3, seed=1)  # 0 or 6 of 12, or wrapped
     img_q, txt_q = unit(B, E, seed=10).requires_grad_(), unit(B, E, seed=11).requires_grad_()
     img_k, txt_k = unit(B, E, seed=12), unit(B, E, seed=13)
     ids = torch.tensor([7, 8, 7, 9])  # samples 0 and 2 are the same caption
     queues.ids[0] = 8  # a copy of sample 1's positive sits in the queue
-    scale = torch.tensor(1 / 0.07)
-    excluded = exclusion_mask(ids, queues.ids, queues.valid(), in_batch, True, mask_dup)
-    for q, k, queue in ((img_q, txt_k, queues.text), (txt_q, img_k, queues.image)):
-        loss, _ = info_nce(q, k, queue, scale, excluded)
-        ref = reference_loss(q, k, queue, queues.valid(), ids, queues.ids, scale, in_batch, True, mask_dup)
-        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-        grad, = torch.autograd.grad(loss, q)
-        ref_grad, = torch.autograd.grad(ref, q)
+    log_scale = torch.tensor(math.log(1 / 0.07), requires_grad=True)
+    cfg = ObjectiveConfig(in_batch_negatives=in_batch, mask_duplicates=mask_dup)
+    loss, stats = scored(queues, img_q, txt_q, img_k, txt_k, ids, log_scale, cfg, use_queue)
+    scale = log_scale.exp()
+    ref = sum(reference_loss(q, k, queue, queues.valid(), ids, queues.ids, scale, in_batch, use_queue, mask_dup)
+              for q, k, queue in ((img_q, txt_k, queues.text), (txt_q, img_k, queues.image)))
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(loss, (img_q, txt_q, log_scale))
+    ref_grads = torch.autograd.grad(ref, (img_q, txt_q, log_scale))
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert torch.isfinite(grad).all()
         torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+    # accuracy: argmax over the dense [keys; queue] logits with excluded candidates at -inf
+    excluded = exclusion_mask(ids, queues.ids, queues.valid(), in_batch, use_queue, mask_dup)
+    for name, q, k, queue in (("acc_i2t", img_q, txt_k, queues.text), ("acc_t2i", txt_q, img_k, queues.image)):
+        logits = (scale * q @ torch.cat([k, queue]).t()).masked_fill(excluded, float("-inf"))
+        assert stats[name].item() == (logits.argmax(dim=1) == torch.arange(B)).float().mean().item()
 
 
 def test_queue_warmup_uses_no_queue_negatives():
     queues = KeyQueues(6, E)
     fill(queues, 2, 3, seed=3)
     q, k, ids = unit(3, E, seed=4), unit(3, E, seed=5), torch.tensor([1, 2, 3])
-    excluded = exclusion_mask(ids, queues.ids, queues.valid(), True, False, True)
-    loss, _ = info_nce(q, k, queues.text, torch.tensor(10.0), excluded)
+    loss, _ = info_nce(q, k, torch.tensor(10.0), batch_exclusion(ids, True, True), torch.empty(3, 0),
+                       torch.full((3,), float("-inf")))
     in_batch_only = F.cross_entropy(10.0 * q @ k.t(), torch.arange(3))
     torch.testing.assert_close(loss, in_batch_only)
+
+
+def test_queue_logsumexp_splits_over_shards():
+    """The normaliser of a queue is the log-sum-exp of its shards' log-sum-exps (what sharded mode
+    relies on); a shard whose slots are all the query's duplicates adds nothing and no NaN."""
+    q = unit(5, E, seed=30).requires_grad_()
+    queue, queue_ids = unit(12, E, seed=31), torch.arange(12)
+    ids = torch.tensor([0, 1, 2, 3, 100])
+    queue_ids[4:8] = 3  # shard 1 of 3 holds only duplicates of query 3
+    whole, best = queue_logsumexp(q, queue, torch.tensor(14.0), ids, queue_ids)
+    parts = [queue_logsumexp(q, queue[s], torch.tensor(14.0), ids, queue_ids[s])
+             for s in (slice(0, 4), slice(4, 8), slice(8, 12))]
+    torch.testing.assert_close(torch.logsumexp(torch.stack([lse for lse, _ in parts], 1), 1), whole)
+    torch.testing.assert_close(torch.stack([b for _, b in parts], 1).amax(1), best)  # BLAS blocking: ulps
+    grad, = torch.autograd.grad(torch.logsumexp(torch.stack([lse for lse, _ in parts] + [q.sum(1)], 1), 1).sum(), q)
+    assert torch.isfinite(grad).all()
+    empty, empty_best = queue_logsumexp(q, queue[:0], torch.tensor(14.0), ids, queue_ids[:0])
+    assert torch.isneginf(empty).all() and torch.isneginf(empty_best).all()
 
 
 def test_queue_pointer_wraps_and_overwrites_oldest():
@@ -77,7 +110,7 @@ def test_queue_pointer_wraps_and_overwrites_oldest():
     for n, start in ((2, 0), (2, 2), (2, 4)):
         keys = torch.full((n, 2), float(start))
         queues.enqueue(keys, -keys, torch.arange(start, start + n))
-    assert queues.ptr.item() == 1 and queues.filled.item() == 5
+    assert queues.ptr == 1 and queues.filled == 5
     # slot 4 took id 4 and slot 0 took id 5 (wrapped); slots 1..3 still hold ids 1..3
     assert queues.ids.tolist() == [5, 1, 2, 3, 4]
     assert queues.image[:, 0].tolist() == [4.0, 0.0, 2.0, 2.0, 4.0]
@@ -90,6 +123,85 @@ def test_partly_filled_queue_masks_unfilled_slots():
     queues = KeyQueues(8, E)
     fill(queues, 1, 3, seed=9)
     assert queues.valid().tolist() == [True] * 3 + [False] * 5
+    assert queues.num_live() == 3 and queues.live()[0].shape == (3, E)
+
+
+@pytest.mark.parametrize("num_shards", [2, 3, 6])
+def test_sharded_enqueue_writes_each_shard_its_part_of_the_global_queue(num_shards):
+    """Every shard sees the same global keys and keeps its slots; together they are the replicated
+    queue at every step (partly filled, wrapping past the end with a batch that does not divide K)."""
+    K, G = 12, 5
+    whole = KeyQueues(K, E)
+    shards = [KeyQueues(K, E, s, num_shards) for s in range(num_shards)]
+    for step in range(6):
+        keys = (unit(G, E, seed=step), unit(G, E, seed=50 + step), torch.arange(G) + 10 * step)
+        for q in (whole, *shards):
+            q.enqueue(*keys)
+        merged = consolidate([q.state() for q in reversed(shards)])
+        for name in ("image", "text", "ids"):
+            assert torch.equal(merged[name], whole.state()[name])
+        assert (merged["ptr"], merged["filled"]) == (whole.ptr, whole.filled)
+        live = torch.cat([q.valid() for q in shards])
+        assert torch.equal(live, whole.valid())
+
+
+def test_queue_state_round_trip_across_shard_counts_and_errors():
+    whole = KeyQueues(12, E)
+    fill(whole, 3, 3, seed=40)  # 9 of 12 filled
+    two = [shard(whole.state(), s, 2) for s in range(2)]
+    four = [shard(consolidate(two), s, 4) for s in range(4)]
+    back = consolidate(four)
+    for name in ("image", "text", "ids"):
+        assert torch.equal(back[name], whole.state()[name])
+    assert (back["ptr"], back["filled"], back["size"]) == (9, 9, 12)
+    # a sharded module loads its own shard's state, or takes its part of a global state
+    target = KeyQueues(12, E, shard=1, num_shards=4)
+    target.load_state(four[1])
+    assert torch.equal(target.image, whole.image[3:6]) and target.num_live() == 3
+    other = KeyQueues(12, E, shard=2, num_shards=3)
+    other.load_state(back)
+    assert torch.equal(other.text, whole.text[8:12]) and other.ptr == 9 and other.num_live() == 1
+    with pytest.raises(ValueError, match="consolidate"):
+        other.load_state(four[2])
+    with pytest.raises(ValueError, match="one state per shard"):
+        consolidate(four[:3])
+    with pytest.raises(ValueError, match="--queue-size"):
+        KeyQueues(24, E).load_state(back)
+    # the queue is not in the module state (rank 0's module file cannot hold per-rank shards)
+    assert not any(k.startswith(("image", "text", "ids")) for k in whole.state_dict())
+
+
+@pytest.mark.parametrize("cfg, global_batch, world, message", [
+    (ObjectiveConfig(queue_size=100), 16, 2,
+     "objective.queue_size=100 is not a multiple of the global batch 16 (= micro batch x grad accumulation x "
+     "world size 2); use --queue-size 96"),
+    (ObjectiveConfig(queue_size=0), 16, 2, "objective.queue_size=0 is smaller than the global batch 16"),
+    (ObjectiveConfig(queue_size=100, queue_mode="sharded"), 20, 3,
+     "objective.queue_mode='sharded' splits objective.queue_size=100 over 3 ranks, which does not divide it; "
+     "use --queue-size 60"),
+])
+def test_validate_batch_names_the_field_and_the_fix(cfg, global_batch, world, message):
+    with pytest.raises(ValueError) as err:
+        cfg.validate_batch(global_batch, world)
+    assert message in str(err.value)
+
+
+def test_validate_batch_accepts_consistent_sizes_and_ignores_clip():
+    ObjectiveConfig(queue_size=96, queue_mode="sharded").validate_batch(32, 4)
+    ObjectiveConfig(name="clip", queue_size=100).validate_batch(16, 2)
+    with pytest.raises(ValueError, match="objective.queue_mode='ring'"):
+        ObjectiveConfig(queue_mode="ring").validate()
+
+
+def test_module_without_process_group_holds_the_whole_queue():
+    torch.manual_seed(0)
+    model = BriVL(get_preset("tiny"))
+    module = ContrastivePretraining(model, ObjectiveConfig(queue_size=64, queue_mode="sharded"))
+    assert (module.queues.shard, module.queues.num_shards) == (0, 1) and module.queues.image.shape == (64, 128)
+    assert not any(k.startswith("queues.") for k in module.state_dict())  # saved via queues.state()
+    input_ids = torch.randint(5, 70, (2, 8))
+    loss, stats, keys = module(torch.randn(2, 3, 64, 64), input_ids, torch.ones_like(input_ids), caption_ids(input_ids))
+    assert torch.isfinite(loss) and keys[0].shape == (2, 128) and not keys[0].requires_grad
 
 
 def test_momentum_update_equals_ema_formula():

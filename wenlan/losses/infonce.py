@@ -1,48 +1,112 @@
-"""Contrastive losses as plain functions of embeddings (no state, no communication)."""
+"""Contrastive losses as plain functions of embeddings (no state, no communication).
+
+Queue InfoNCE is computed in two parts so that the queue can be split across ranks: the queue's
+contribution to each query's softmax normaliser is a log-sum-exp over queue logits
+(``queue_logsumexp``, one column per queue shard), and ``info_nce`` adds the positive and the in-batch
+logits to it. With one shard this is exactly cross-entropy over [this batch's keys; the queue].
+
+Similarities are in fp32 whatever the towers run in: the queue is kept in fp32, and logits scaled by
+1/T ~ 14-100 lose the ranking of close negatives in bf16.
+"""
 
 import torch
 import torch.nn.functional as F
 
+MASKED = -1e30
+"""Logit of an excluded candidate. exp(MASKED - anything real) is exactly 0 in fp32, as with -inf, but
+a query whose candidates are all excluded (a queue shard holding only its duplicates) gets a finite
+log-sum-exp and a zero gradient instead of NaN."""
 
-def info_nce(query: torch.Tensor, keys: torch.Tensor, queue: torch.Tensor, scale: torch.Tensor,
-             excluded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """InfoNCE of each query against [this batch's keys; the queue].
 
-    query (B, E) online embeddings (with grad); keys (B, E) momentum keys of the same batch, the i-th
-    being query i's positive; queue (K, E) negatives; excluded (B, B + K) True where a candidate must
-    not count (never on the positive). Returns the mean loss and the share of queries whose best
-    candidate is their positive.
-    """
-    # Similarities in fp32 whatever the towers run in: the queue is kept in fp32, and logits scaled
-    # by 1/T ~ 14-100 lose the ranking of close negatives in bf16.
-    candidates = torch.cat([keys.float(), queue.float()])  # (B + K, E)
-    logits = scale.float() * query.float() @ candidates.t()  # (B, B + K)
-    logits = logits.masked_fill(excluded, float("-inf"))
-    labels = torch.arange(query.shape[0], device=query.device)
-    loss = F.cross_entropy(logits, labels)
-    accuracy = (logits.argmax(dim=1) == labels).float().mean()
-    return loss, accuracy
+def batch_exclusion(ids: torch.Tensor, in_batch_negatives: bool, mask_duplicates: bool) -> torch.Tensor:
+    """(B, B) in-batch candidates that are not negatives for each query (never the positive, i == j):
+    all other keys unless ``in_batch_negatives`` (ALBEF's extra negatives), and with
+    ``mask_duplicates`` keys carrying the query's own sample id (a copy of the positive)."""
+    eye = torch.eye(ids.shape[0], dtype=torch.bool, device=ids.device)
+    excluded = ~eye if not in_batch_negatives else torch.zeros_like(eye)
+    if mask_duplicates:
+        excluded = excluded | ((ids[:, None] == ids[None, :]) & ~eye)
+    return excluded
 
 
 def exclusion_mask(batch_ids: torch.Tensor, queue_ids: torch.Tensor, queue_valid: torch.Tensor,
                    in_batch_negatives: bool, use_queue: bool, mask_duplicates: bool) -> torch.Tensor:
-    """(B, B + K) candidates that are not negatives for each query.
-
-    - other in-batch keys, unless ``in_batch_negatives`` (ALBEF's extra negatives);
-    - the whole queue while ``use_queue`` is off (queue warm-up), and its unfilled entries always;
-    - with ``mask_duplicates``, keys carrying the query's own sample id: a copy of the positive is no
-      negative.
-    """
-    B = batch_ids.shape[0]
-    eye = torch.eye(B, dtype=torch.bool, device=batch_ids.device)
-    in_batch = torch.zeros(B, B, dtype=torch.bool, device=batch_ids.device) if in_batch_negatives else ~eye
-    in_queue = (~queue_valid).expand(B, -1)  # (B, K)
+    """(B, B + K) candidates [this batch's keys; a whole queue] that are not negatives for each query:
+    ``batch_exclusion``, then the queue while ``use_queue`` is off (warm-up), its unfilled slots, and
+    with ``mask_duplicates`` its slots carrying the query's id. The dense form of what
+    ``queue_objective`` applies piecewise (it skips unfilled slots rather than masking them)."""
+    in_queue = (~queue_valid).expand(batch_ids.shape[0], -1)  # (B, K)
     if not use_queue:
         in_queue = torch.ones_like(in_queue)
     if mask_duplicates:
-        in_batch = in_batch | ((batch_ids[:, None] == batch_ids[None, :]) & ~eye)
         in_queue = in_queue | (batch_ids[:, None] == queue_ids[None, :])
-    return torch.cat([in_batch, in_queue], dim=1)
+    return torch.cat([batch_exclusion(batch_ids, in_batch_negatives, mask_duplicates), in_queue], dim=1)
+
+
+class _QueueLogSumExp(torch.autograd.Function):
+    """log-sum-exp over a constant queue in one (R, n) buffer: logits -> softmax in place, kept for the
+    backward, which needs only the softmax-weighted queue key of each query (one matmul):
+    d lse_r / d q_r = s * sum_j p_rj k_j and d lse_r / d s = q_r . sum_j p_rj k_j.
+    Autograd's logsumexp would keep the logits, the mask and two more (R, n) temporaries."""
+
+    @staticmethod
+    def forward(ctx, query, queue, scale, excluded):
+        probs = torch.mm(scale * query, queue.t())  # (R, n) logits for now
+        if excluded is not None:
+            probs.masked_fill_(excluded, MASKED)
+        best = probs.amax(dim=1)  # (R,)
+        total = probs.sub_(best[:, None]).exp_().sum(dim=1)  # (R,)
+        probs.div_(total[:, None])  # softmax over the queue
+        ctx.save_for_backward(query, queue, scale, probs)
+        ctx.mark_non_differentiable(best)
+        return best + total.log(), best
+
+    @staticmethod
+    def backward(ctx, grad_lse, _):
+        query, queue, scale, probs = ctx.saved_tensors
+        expected = torch.mm(probs, queue)  # (R, E): the softmax-weighted queue key of each query
+        grad_query = (grad_lse * scale)[:, None] * expected if ctx.needs_input_grad[0] else None
+        grad_scale = (grad_lse * (expected * query).sum(dim=1)).sum().reshape(scale.shape) \
+            if ctx.needs_input_grad[2] else None
+        return grad_query, None, grad_scale, None
+
+
+def queue_logsumexp(query: torch.Tensor, queue: torch.Tensor, scale: torch.Tensor,
+                    query_ids: torch.Tensor | None = None, queue_ids: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's log-sum-exp over its queue logits and its best queue logit (no gradient).
+
+    query (R, E); queue (n, E) filled slots only, a constant (no gradient to it); with ids, slots
+    carrying the query's own id are excluded (copies of its positive). Returns (R,), (R,); an empty
+    queue gives -inf for both.
+    """
+    if queue.shape[0] == 0:
+        # -inf, yet a function of the query: a rank whose queue shard is still empty must take part in
+        # the backward's collectives like every other rank.
+        empty = query.float().sum(dim=1).mul(0.0).sub(float("inf"))  # (R,)
+        return empty, empty.detach()
+    excluded = None if query_ids is None else query_ids[:, None] == queue_ids[None, :]  # (R, n)
+    return _QueueLogSumExp.apply(query.float(), queue.float().detach(), scale.float(), excluded)
+
+
+def info_nce(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, excluded: torch.Tensor,
+             queue_lse: torch.Tensor, queue_best: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """InfoNCE of each query against [this batch's keys; the queue].
+
+    query (B, E) online embeddings (with grad); keys (B, E) momentum keys of the same batch, the i-th
+    being query i's positive; excluded (B, B) from ``batch_exclusion``; queue_lse (B, S) the queue's
+    log-sum-exp per query and shard (S = 0 for no queue); queue_best (B,) the best queue logit.
+    Returns the mean loss and the share of queries whose best candidate is their positive (ties go to
+    the earlier candidate, as argmax over [keys; queue] would).
+    """
+    logits = (scale * query.float()) @ keys.float().t()  # (B, B)
+    logits = logits.masked_fill(excluded, MASKED)
+    positive = logits.diagonal()  # (B,)
+    normaliser = torch.logsumexp(torch.cat([logits, queue_lse], dim=1), dim=1)  # (B,)
+    loss = (normaliser - positive).mean()
+    labels = torch.arange(query.shape[0], device=query.device)
+    accuracy = ((logits.detach().argmax(dim=1) == labels) & (positive.detach() >= queue_best)).float().mean()
+    return loss, accuracy
 
 
 def clip_loss(image: torch.Tensor, text: torch.Tensor, all_image: torch.Tensor, all_text: torch.Tensor,

@@ -8,15 +8,17 @@ the text queue) and text queries against momentum image keys; loss = i2t + t2i a
 import functools
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 
-from wenlan.losses.infonce import clip_loss, exclusion_mask, info_nce
-from wenlan.losses.queue import KeyQueues
-from wenlan.models.brivl import BriVL
+from wenlan.losses.infonce import batch_exclusion, clip_loss, info_nce, queue_logsumexp
+from wenlan.losses.queue import KeyQueues, all_gather_single, reduce_scatter_single
+
+if TYPE_CHECKING:  # the losses need no model code; importing the towers (timm) costs seconds per process
+    from wenlan.models.brivl import BriVL
 
 
 @dataclass
@@ -27,7 +29,11 @@ class ObjectiveConfig:
     name: str = "brivl"
     """``brivl`` (momentum encoders + queues) or ``clip`` (in-batch, the baseline)."""
     queue_size: int = 4096
-    """Negatives per queue; must be a multiple of the global batch so writes never straddle the end."""
+    """Negatives per queue; a multiple of the global batch, so a step's keys never straddle the end."""
+    queue_mode: str = "replicated"
+    """``replicated``: every rank holds the whole queue. ``sharded``: each rank holds queue_size / world
+    slots and the ranks combine their partial softmax normalisers (same loss and gradients, for queues
+    too large for one device)."""
     temperature: float = 0.07
     learnable_temperature: bool = True
     """Learn log(1/T) (CLIP-style), clamped to T >= min_temperature."""
@@ -56,49 +62,169 @@ class ObjectiveConfig:
             raise ValueError(f"objective.momentum={self.momentum} must be in [0, 1)")
         if self.temperature <= 0 or self.min_temperature <= 0:
             raise ValueError("objective.temperature and objective.min_temperature must be > 0")
+        if self.queue_mode not in ("replicated", "sharded"):
+            raise ValueError(f"objective.queue_mode={self.queue_mode!r}: use replicated or sharded")
+
+    def validate_batch(self, global_batch: int, world_size: int) -> None:
+        """Queue size against the batch arithmetic (global batch = micro batch x grad accumulation x
+        world size), before any process group starts."""
+        if self.name != "brivl":
+            return
+        k, g = self.queue_size, global_batch
+        if k % g:
+            raise ValueError(
+                f"objective.queue_size={k} is not a multiple of the global batch {g} (= micro batch x grad "
+                f"accumulation x world size {world_size}); use --queue-size {max(g, k // g * g)} or change "
+                "the DeepSpeed config's batch")
+        if k < g:
+            raise ValueError(f"objective.queue_size={k} is smaller than the global batch {g}; use "
+                             f"--queue-size {g} or more")
+        if self.queue_mode == "sharded" and k % world_size:
+            step = math.lcm(g, world_size)
+            raise ValueError(
+                f"objective.queue_mode='sharded' splits objective.queue_size={k} over {world_size} ranks, "
+                f"which does not divide it; use --queue-size {max(step, k // step * step)} or "
+                "objective.queue_mode='replicated'")
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 that carries gradients back: rank r's rows receive the SUM over ranks of
+    the gradients every rank's loss puts on them (a reduce-scatter), as open_clip's gather_with_grad."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
+        all_gather_single(out, x.contiguous(), group=group)  # forward of a WITH-gradient gather
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = grad.new_empty((grad.shape[0] // dist.get_world_size(ctx.group), *grad.shape[1:]))
+        reduce_scatter_single(out, grad.contiguous(), group=ctx.group)  # SUM: the gather's gradient
+        return out, None
+
+
+def gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    """(B, ...) on each rank -> (world * B, ...) in rank order, differentiable (see _GatherWithGrad)."""
+    return _GatherWithGrad.apply(x, group)
 
 
 class ContrastivePretraining(nn.Module):
-    """BriVL towers + queues + temperature: the module handed to the DeepSpeed engine."""
+    """BriVL towers + queues + temperature: the module handed to the DeepSpeed engine.
 
-    def __init__(self, model: BriVL, cfg: ObjectiveConfig):
+    ``group``: the data-parallel process group (default: the world). In sharded mode this rank holds
+    queue shard ``rank`` of ``world size`` when a process group is initialised, the whole queue when not.
+    """
+
+    def __init__(self, model: "BriVL", cfg: ObjectiveConfig, group=None):
         super().__init__()
         self.cfg = cfg
         self.model = model
+        self.group = group
         self.log_scale = nn.Parameter(torch.full((1,), math.log(1.0 / cfg.temperature)),
                                       requires_grad=cfg.learnable_temperature)
-        self.queues = KeyQueues(cfg.queue_size, model.cfg.embed_dim) if cfg.name == "brivl" else None
+        self.queues = None
+        if cfg.name == "brivl":
+            shard, num_shards = 0, 1
+            if cfg.queue_mode == "sharded" and dist.is_available() and dist.is_initialized():
+                shard, num_shards = dist.get_rank(group), dist.get_world_size(group)
+            self.queues = KeyQueues(cfg.queue_size, model.cfg.embed_dim, shard, num_shards)
 
     def scale(self) -> torch.Tensor:
         return self.log_scale.clamp(max=math.log(1.0 / self.cfg.min_temperature)).exp()
 
     def forward(self, images, input_ids, attention_mask, ids, use_queue: bool = True):
-        """Returns (loss, stats, keys); ``keys`` = (image_keys, text_keys, ids) to enqueue once the
-        optimizer has stepped (the queues must not change while the loss graph still needs them)."""
+        """Returns (loss, stats, keys); ``keys`` = (image_keys, text_keys, ids) of this rank's batch, for
+        ``KeyGather.add`` (None for clip). The queues change only after the step's last backward: the
+        loss graph still reads them."""
         if self.cfg.name == "clip":
-            return self._clip(images, input_ids, attention_mask)
+            img, txt, _, _ = self.model(images, input_ids, attention_mask, with_keys=False)  # 2 x (B, E)
+            loss, stats = clip_objective(img, txt, self.scale(), self.group)
+            return loss, stats, None
         img_q, txt_q, img_k, txt_k = self.model(images, input_ids, attention_mask)  # 4 x (B, E)
-        excluded = exclusion_mask(ids, self.queues.ids, self.queues.valid(), self.cfg.in_batch_negatives,
-                                  use_queue, self.cfg.mask_duplicates)  # (B, B + K)
-        scale = self.scale()
-        loss_i2t, acc_i2t = info_nce(img_q, txt_k, self.queues.text, scale, excluded)
-        loss_t2i, acc_t2i = info_nce(txt_q, img_k, self.queues.image, scale, excluded)
-        stats = dict(loss_i2t=loss_i2t.detach(), loss_t2i=loss_t2i.detach(), acc_i2t=acc_i2t, acc_t2i=acc_t2i,
-                     temperature=1.0 / scale.detach())
-        return loss_i2t + loss_t2i, stats, (img_k, txt_k, ids)
+        loss, stats = queue_objective(img_q, txt_q, img_k, txt_k, ids, self.queues, self.scale(), self.cfg,
+                                      use_queue, self.group)
+        return loss, stats, (img_k, txt_k, ids)
 
-    def _clip(self, images, input_ids, attention_mask):
-        img, txt, _, _ = self.model(images, input_ids, attention_mask, with_keys=False)  # 2 x (B, E)
-        offset = 0
-        all_img, all_txt = img, txt
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            # All-gather WITH gradient: each rank's loss also pulls on the other ranks' embeddings.
-            all_img = torch.cat(dist_nn.all_gather(img))  # (N*B, E)
-            all_txt = torch.cat(dist_nn.all_gather(txt))  # (N*B, E)
-            offset = dist.get_rank() * img.shape[0]
-        scale = self.scale()
-        loss, acc = clip_loss(img, txt, all_img, all_txt, offset, scale)
-        return loss, dict(acc_i2t=acc, temperature=1.0 / scale.detach()), None
+
+def queue_objective(img_q, txt_q, img_k, txt_k, ids, queues: KeyQueues, scale, cfg: ObjectiveConfig,
+                    use_queue: bool, group=None) -> tuple[torch.Tensor, dict]:
+    """BriVL's loss for this rank's B pairs: InfoNCE(image -> text keys) + InfoNCE(text -> image keys).
+
+    Queries (B, E) carry gradient; keys (B, E) and ids (B,) do not. The same for both queue modes: a
+    sharded queue is scored by every rank on its own shard (``queue_scores``).
+    """
+    B = ids.shape[0]
+    excluded = batch_exclusion(ids, cfg.in_batch_negatives, cfg.mask_duplicates)  # (B, B)
+    if use_queue:
+        lse, best = queue_scores(img_q, txt_q, ids, queues, scale, cfg.mask_duplicates, group)  # (B, S, 2), (B, 2)
+    else:
+        # Queue warm-up: no queue negatives. The step decides it, identically on every rank, so skipping
+        # the sharded collectives keeps the ranks in step.
+        lse = torch.empty(B, 0, 2, device=ids.device)
+        best = torch.full((B, 2), float("-inf"), device=ids.device)
+    loss_i2t, acc_i2t = info_nce(img_q, txt_k, scale, excluded, lse[..., 0], best[:, 0])
+    loss_t2i, acc_t2i = info_nce(txt_q, img_k, scale, excluded, lse[..., 1], best[:, 1])
+    stats = dict(loss_i2t=loss_i2t.detach(), loss_t2i=loss_t2i.detach(), acc_i2t=acc_i2t, acc_t2i=acc_t2i,
+                 temperature=1.0 / scale.detach())
+    return loss_i2t + loss_t2i, stats
+
+
+def queue_scores(img_q, txt_q, ids, queues: KeyQueues, scale, mask_duplicates: bool, group=None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The queue's part of the softmax normaliser of each of this rank's queries: log-sum-exp per
+    shard (B, S, 2) and best queue logit (B, 2), for i2t (text queue) and t2i (image queue).
+
+    Replicated (S = 1): the local queue is the whole queue; nothing to communicate.
+    Sharded (S = N): rank t scores all N*B queries (gathered WITH gradient) against its K/N slots,
+    lse_t (N*B,); these are gathered back WITH gradient, rank r keeps its own B rows of every shard,
+    and info_nce's log-sum-exp over [in-batch logits, lse_1 .. lse_N] is that of the whole queue.
+
+    Gradients, L_r being rank r's loss (the backward of an all-gather sums over ranks):
+    - lse_t[j] feeds only L_owner(j), so rank t receives dL_owner(j)/dlse_t[j] once: none double counted;
+    - query j feeds lse_t[j] on every rank t, and the query gather's backward hands its owner r
+      sum_t dL_r/dlse_t[j] * dlse_t[j]/dq_j = dL_r/dq_j, replicated mode's gradient: none lost;
+    - rank t's temperature gets shard t's part of every rank's loss: per rank that differs from
+      replicated mode, the sum over ranks (what the data-parallel gradient reduction applies) does not.
+    """
+    E = img_q.shape[1]
+    image_queue, text_queue, queue_ids = queues.live()  # this rank's filled slots: (n, E), (n, E), (n,)
+    queries = torch.cat([img_q, txt_q], dim=1)  # (B, 2E)
+    if queues.num_shards > 1:
+        if dist.get_world_size(group) != queues.num_shards:
+            raise RuntimeError(f"queue has {queues.num_shards} shards but the process group "
+                               f"{dist.get_world_size(group)} ranks")
+        all_ids = ids.new_empty(queues.num_shards * ids.shape[0])  # (N*B,)
+        ids_gathered = all_gather_single(all_ids, ids.contiguous(), group=group, async_op=True)  # no gradient
+        queries = gather_with_grad(queries, group)  # (N*B, 2E), WITH gradient
+        ids_gathered.wait()  # launched first so that the two gathers' latencies overlap
+        ids = all_ids
+    dup = (ids, queue_ids) if mask_duplicates else (None, None)
+    lse_i2t, best_i2t = queue_logsumexp(queries[:, :E], text_queue, scale, *dup)  # (N*B,) each
+    lse_t2i, best_t2i = queue_logsumexp(queries[:, E:], image_queue, scale, *dup)  # (N*B,) each
+    scores = torch.stack([lse_i2t, lse_t2i, best_i2t, best_t2i], dim=1)  # (N*B, 4); best_* have no grad
+    if queues.num_shards == 1:
+        scores = scores[:, None]  # (B, 1, 4)
+    else:
+        B, N = img_q.shape[0], queues.num_shards
+        scores = gather_with_grad(scores, group).view(N, N * B, 4)  # (shard, query, 4), WITH gradient
+        scores = scores[:, queues.shard * B:(queues.shard + 1) * B].transpose(0, 1)  # (B, N, 4): own queries
+    # The best over shards is a max of maxima: no extra collective for the accuracy.
+    return scores[..., :2], scores[..., 2:].amax(dim=1)
+
+
+def clip_objective(img, txt, scale, group=None) -> tuple[torch.Tensor, dict]:
+    """open_clip's ClipLoss (local_loss=True, gather_with_grad=True) for this rank's (B, E) pairs."""
+    all_img, all_txt, offset = img, txt, 0
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        # All-gather WITH gradient: each rank's loss also pulls on the other ranks' embeddings, whose
+        # owners receive it in this gather's backward (a sum over ranks).
+        both = gather_with_grad(torch.cat([img, txt], dim=1), group)  # (N*B, 2E)
+        all_img, all_txt = both[:, :img.shape[1]], both[:, img.shape[1]:]
+        offset = dist.get_rank(group) * img.shape[0]
+    loss, acc = clip_loss(img, txt, all_img, all_txt, offset, scale)
+    return loss, dict(acc_i2t=acc, temperature=1.0 / scale.detach())
 
 
 @functools.lru_cache(maxsize=8)
