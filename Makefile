@@ -35,6 +35,8 @@ test: setup
 
 bench: setup
 	DS_ACCELERATOR=cpu $(PY) bench/engine_overhead.py
+	DS_ACCELERATOR=cpu $(PY) bench/queue_manager.py
+	DS_ACCELERATOR=cpu $(PY) bench/data_throughput.py
 
 presets: setup
 	$(PY) -m wenlan.models.presets

@@ -168,3 +168,14 @@ def _alive(pid: int) -> bool:
     except (OSError, IndexError):
         return True
     return state not in ("Z", "X")
+
+
+def map_shards(fn, paths: list[str], workers: int, *args) -> list:
+    """fn(path, *args) for every shard, in spawned worker processes when there are several of both."""
+    if workers > 1 and len(paths) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        with ProcessPoolExecutor(min(workers, len(paths)), mp_context=get_context("spawn")) as pool:
+            return list(pool.map(fn, paths, *([a] * len(paths) for a in args)))
+    return [fn(p, *args) for p in paths]

@@ -13,8 +13,6 @@ import argparse
 import io
 import json
 import sys
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `data_tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_tools.shard_io import IMAGE_EXTS, atomic_write_bytes, available_cores, expand_shards, read_samples
+from data_tools.shard_io import IMAGE_EXTS, atomic_write_bytes, available_cores, expand_shards, map_shards, read_samples
 
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 METRICS = {  # name -> (axis label, log-spaced bins?)
@@ -77,11 +75,7 @@ def describe(xs: np.ndarray, log_bins: bool, bins: int = 40) -> dict:
 def collect(shards: list[Path], max_samples: int | None, workers: int) -> dict:
     per_shard = None if max_samples is None else max(1, -(-max_samples // len(shards)))
     paths = [str(p) for p in shards]
-    if workers > 1 and len(paths) > 1:
-        with ProcessPoolExecutor(min(workers, len(paths)), mp_context=get_context("spawn")) as pool:
-            parts = list(pool.map(shard_values, paths, [per_shard] * len(paths)))
-    else:
-        parts = [shard_values(p, per_shard) for p in paths]
+    parts = map_shards(shard_values, paths, workers, per_shard)
     stats = {"shards": len(paths), "unreadable": sum(p["unreadable"] for p in parts)}
     for name, (_, log_bins) in METRICS.items():
         xs = np.array([x for p in parts for x in p["values"][name]], dtype=np.float64)

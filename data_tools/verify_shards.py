@@ -21,14 +21,12 @@ import io
 import json
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `data_tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_tools.shard_io import IMAGE_EXTS, META_DIR, atomic_write_bytes, available_cores, expand_shards, read_samples
+from data_tools.shard_io import IMAGE_EXTS, META_DIR, atomic_write_bytes, available_cores, expand_shards, map_shards, read_samples
 
 MAX_LISTED = 10  # per category in the printed summary; the index JSON has them all
 
@@ -89,11 +87,7 @@ def check_shard(path: str, decode: bool = True) -> dict:
 
 def verify(shards: list[Path], index_path: Path, decode: bool = True, workers: int = 1) -> dict:
     paths = [str(p) for p in shards]
-    if workers > 1 and len(paths) > 1:
-        with ProcessPoolExecutor(min(workers, len(paths)), mp_context=get_context("spawn")) as pool:
-            results = list(pool.map(check_shard, paths, [decode] * len(paths)))
-    else:
-        results = [check_shard(p, decode) for p in paths]
+    results = map_shards(check_shard, paths, workers, decode)
     base = index_path.parent.resolve()
 
     def rel(p: str) -> str:

@@ -26,7 +26,7 @@ def args_for(data, tmp_path, **overrides):
                                                   "zero_optimization": {"stage": 1}})))
     values = {"--deepspeed_config": str(ds), "--preset": "tiny", "--tokenizer": str(data / "tokenizer"),
               "--train-shards": str(data / "train-{000000..000001}.tar"), "--val-shards": str(data / "val-000000.tar"),
-              "--max-steps": "2", "--output-dir": str(tmp_path / "out")}
+              "--max-steps": "2", "--output-dir": str(tmp_path / "out"), "--data-streams": "2"}
     values.update(overrides)
     argv = []
     for k, v in values.items():
@@ -38,6 +38,7 @@ def test_valid_config_resolves(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = resolve(args_for(tiny_data, tmp_path))
     assert cfg.batch.global_batch == 16 and cfg.objective.queue_size % 16 == 0
+    assert cfg.data_streams == 2
 
 
 @pytest.mark.parametrize("override, message", [
@@ -51,8 +52,10 @@ def test_valid_config_resolves(tiny_data, tmp_path, monkeypatch):
     ({"--momentum": "1.5"}, "objective.momentum=1.5 must be in [0, 1)"),
     ({"ds": {"train_batch_size": 30, "train_micro_batch_size_per_gpu": 8}},
      "train_batch_size=30 != train_micro_batch_size_per_gpu=8 x gradient_accumulation_steps=1 x world size 2"),
-    ({"ds": {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 3}}},
-     "ZeRO stage 3"),
+    ({"--data-streams": "4"}, "2 shard(s) for DataConfig.streams=4: every stream needs at least one shard"),
+    ({"--data-streams": "3"}, "DataConfig.streams=3 is not a multiple of the world size 2"),
+    ({"ds": {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 4}}},
+     "zero_optimization.stage=4 is not a ZeRO stage; use 0, 1, 2 or 3"),
 ])
 def test_bad_config_messages(tiny_data, tmp_path, monkeypatch, override, message):
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -71,3 +74,12 @@ def test_train_cli_exits_before_any_process_group(tiny_data, tmp_path):
     assert proc.returncode == 2
     assert "error: --train-shards: shard not found: missing-000.tar" in proc.stderr
     assert "init_distributed" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("config, preset", [("cpu_tiny.json", "tiny"), ("cpu_tiny_zero3.json", "tiny"),
+                                            ("zero3_1b.json", "1b"), ("zero3_10b.json", "10b")])
+def test_shipped_deepspeed_configs_resolve(tiny_data, tmp_path, monkeypatch, config, preset):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = args_for(tiny_data, tmp_path, **{"--deepspeed_config": str(ROOT / "ds_configs" / config), "--preset": preset})
+    cfg = resolve(args)
+    assert cfg.batch.global_batch == 2 * cfg.deepspeed_config["train_micro_batch_size_per_gpu"]

@@ -89,6 +89,11 @@ def test_pretrained_weights_load_from_local_files(tmp_path):
     import transformers
     from safetensors.torch import save_file
 
+    from wenlan.parallel.engine import copy_state
+
+    def load_pretrained(model):  # what the trainer runs after construction (module by module under ZeRO-3)
+        copy_state(model, model.pretrained_state(), "pretrained weights")
+
     cfg = get_preset("tiny")
     torch.manual_seed(1)
     backbone = timm.create_model(cfg.image.backbone, pretrained=False, num_classes=10,
@@ -102,6 +107,7 @@ def test_pretrained_weights_load_from_local_files(tmp_path):
     cfg = dataclasses.replace(cfg, image=dataclasses.replace(cfg.image, pretrained_path=str(tmp_path / "backbone.safetensors")),
                               text=dataclasses.replace(cfg.text, pretrained_path=str(tmp_path / "bert")))
     model = BriVL(cfg, momentum=False)
+    load_pretrained(model)
     torch.testing.assert_close(model.image_tower.backbone.net.conv_stem.weight, backbone.conv_stem.weight)
     torch.testing.assert_close(model.text_tower.bert.embeddings.word_embeddings.weight,
                                bert.embeddings.word_embeddings.weight)
@@ -111,4 +117,4 @@ def test_pretrained_weights_load_from_local_files(tmp_path):
 
     wrong = dataclasses.replace(cfg.image, backbone="resnet10t", backbone_kwargs={})
     with pytest.raises(ValueError, match="does not fit backbone"):
-        BriVL(dataclasses.replace(cfg, image=wrong), momentum=False)
+        load_pretrained(BriVL(dataclasses.replace(cfg, image=wrong), momentum=False))

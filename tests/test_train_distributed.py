@@ -40,7 +40,7 @@ def train_args(data: Path, out: Path, ds: str, steps: int, *extra: str) -> list[
     return ["--deepspeed_config", ds, "--preset", "tiny", "--tokenizer", str(data / "tokenizer"),
             "--train-shards", str(data / "train-{000000..000003}.tar"), "--val-shards", str(data / "val-000000.tar"),
             "--max-steps", str(steps), "--output-dir", str(out), "--queue-size", str(QUEUE), "--log-every", "1",
-            "--num-workers", "1", "--no-color-augment",
+            "--num-workers", "1", "--no-color-augment", "--data-streams", "4",
             "--mlflow-uri", f"sqlite:///{out.parent / 'mlflow.db'}", *extra]
 
 

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wenlan.data.pipeline import missing_local_shards
+from wenlan.data.pipeline import check_train_layout, default_streams, expand_shards, missing_local_shards
 from wenlan.losses.objective import ObjectiveConfig
 from wenlan.models.brivl import ModelConfig
 from wenlan.models.presets import get_preset
@@ -60,6 +60,9 @@ class TrainConfig:
     save_every: int = 0
     log_every: int = 20
     num_workers: int = 1
+    data_streams: int = 8
+    """Logical data streams (see wenlan.data.pipeline): fixed for a run; any world size dividing it
+    trains on the same samples in the same order."""
     color_augment: bool = True
     resume: str = "auto"
     mlflow_uri: str | None = None
@@ -124,11 +127,21 @@ def _check_shards(flag: str, shards: list[str]) -> None:
                          "Create demo shards with `make demo-data` or point at existing .tar shards")
 
 
+def _resumed_streams(args) -> int | None:
+    """A resumed run keeps the data stream count it started with, at any world size."""
+    from wenlan.parallel.checkpoint import COMPLETE, resolve_resume
+
+    where = resolve_resume(args.resume, Path(args.output_dir) / "checkpoints")
+    if where is None:
+        return None
+    return json.loads((where[0] / where[1] / COMPLETE).read_text()).get("data_streams")
+
+
 def resolve(args) -> TrainConfig:
     """Command line -> validated TrainConfig. Raises ValueError naming the flag/field and the fix."""
     model = get_preset(args.preset)
     objective = ObjectiveConfig(name=args.objective, **PRESET_OBJECTIVES.get(args.preset, {}))
-    for key in ("queue_size", "temperature", "momentum", "queue_warmup_steps"):
+    for key in ("queue_size", "temperature", "momentum", "queue_warmup_steps", "queue_mode"):
         value = getattr(args, key, None)
         if value is not None:
             setattr(objective, key, value)
@@ -137,30 +150,27 @@ def resolve(args) -> TrainConfig:
         raise ValueError(f"--max-steps must be >= 1 (got {args.max_steps})")
     ds = read_deepspeed_config(args.deepspeed_config)
     stage = int(ds.get("zero_optimization", {}).get("stage", 0))
-    if stage not in (0, 1, 2):
-        raise ValueError(f"DeepSpeed config: zero_optimization.stage={stage}: ZeRO stage 3 needs the "
-                         "partition-aware model construction and momentum update, which this version does "
-                         "not have yet; use stage 0, 1 or 2")
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"DeepSpeed config: zero_optimization.stage={stage} is not a ZeRO stage; use 0, 1, 2 or 3")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     batch = batch_from_deepspeed(ds, world_size)
-    if objective.name == "brivl" and objective.queue_size % batch.global_batch:
-        k, g = objective.queue_size, batch.global_batch
-        raise ValueError(
-            f"queue_size={k} is not a multiple of the global batch {g} (= micro batch {batch.micro_batch} x "
-            f"grad accumulation {batch.grad_accum} x world size {world_size}); use --queue-size "
-            f"{max(g, k // g * g)} or change the DeepSpeed config's batch")
-    if objective.name == "brivl" and objective.queue_size < batch.global_batch:
-        raise ValueError(f"queue_size={objective.queue_size} is smaller than the global batch {batch.global_batch}")
+    if objective.name == "brivl":
+        objective.validate_batch(batch.global_batch, world_size)
     if not (Path(args.tokenizer) / "tokenizer_config.json").is_file():
         raise ValueError(f"--tokenizer: {args.tokenizer!r} is not a Hugging Face tokenizer directory "
                          "(no tokenizer_config.json); `make demo-data` writes data/demo/tokenizer")
     _check_shards("--train-shards", args.train_shards)
     _check_shards("--val-shards", args.val_shards)
+    streams = args.data_streams or _resumed_streams(args) or default_streams(world_size)
+    try:
+        check_train_layout(len(expand_shards(args.train_shards)), streams, world_size, batch.global_batch)
+    except ValueError as err:
+        raise ValueError(f"--train-shards / --data-streams: {err}") from None
     return TrainConfig(
         preset=args.preset, model=model, objective=objective, batch=batch, deepspeed_config=ds,
         tokenizer=args.tokenizer, train_shards=list(args.train_shards), val_shards=list(args.val_shards),
         output_dir=args.output_dir, max_steps=args.max_steps, seed=args.seed,
         lr_warmup_steps=min(100, args.max_steps // 10) if args.warmup_steps is None else args.warmup_steps,
         eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every,
-        num_workers=args.num_workers, color_augment=not args.no_color_augment, resume=args.resume,
+        num_workers=args.num_workers, data_streams=streams, color_augment=not args.no_color_augment, resume=args.resume,
         mlflow_uri=args.mlflow_uri, mlflow_experiment=args.mlflow_experiment)

@@ -24,7 +24,7 @@ def embed_pairs(model, loader) -> tuple[torch.Tensor, torch.Tensor, int]:
     images, texts, skipped = [], [], 0
     param = next(model.parameters())
     for batch in loader:
-        skipped += int(batch["skipped"])
+        skipped += sum(batch["skipped"].values())  # {reason: count}
         if batch["images"].shape[0] == 0:
             continue
         images.append(model.encode_image(batch["images"].to(param.device, param.dtype)).float().cpu())

@@ -44,6 +44,11 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--momentum", type=float, default=None)
     p.add_argument("--queue-warmup-steps", type=int, default=None)
+    p.add_argument("--queue-mode", choices=["replicated", "sharded"], default=None,
+                   help="replicated: the whole queue on every rank (MoCo); sharded: K/N slots per rank")
+    p.add_argument("--data-streams", type=int, default=None,
+                   help="logical data streams, fixed for a run (default lcm(world size, 8)); the same samples "
+                        "in the same order at any world size dividing it")
     p.add_argument("--warmup-steps", type=int, default=None, help="LR warm-up (default: 10%% of the run, <= 100)")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--num-workers", type=int, default=1, help="data loader workers per rank")
@@ -59,23 +64,40 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_replicated(queues, step: int) -> None:
+    """Replicated queues must be identical on every rank; compare a fingerprint (two all-reduces of one
+    number, no gradient) and stop loudly if they diverged, rather than train on inconsistent negatives."""
+    import torch.distributed as dist
+
+    fingerprint = (queues.image.double().sum() + 3 * queues.text.double().sum()
+                   + (queues.ids % 1000003).double().sum() + queues.ptr + queues.filled).reshape(1)
+    low, high = fingerprint.clone(), fingerprint.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if low.item() != high.item():
+        raise RuntimeError(f"step {step}: the replicated negative queues differ between ranks "
+                           f"(fingerprints {low.item()!r} .. {high.item()!r})")
+
+
 def run(cfg: TrainConfig) -> dict:
     import deepspeed
     import torch.distributed as dist
 
-    from wenlan.data.pipeline import DataConfig, make_train_loader
+    from wenlan.data.pipeline import DataConfig, make_train_loader, merge_positions
     from wenlan.data.tokenizer import load_tokenizer
     from wenlan.evaluate import evaluate, format_table
-    from wenlan.losses.objective import ContrastivePretraining, caption_ids
-    from wenlan.losses.queue import gather_keys
-    from wenlan.models.brivl import BriVL, momentum_update
+    from wenlan.losses.objective import caption_ids
+    from wenlan.losses.queue import KeyGather
     from wenlan.parallel import checkpoint as ckpt
-    from wenlan.parallel.engine import build_engine, zero_stage
+    from wenlan.parallel.engine import build_engine, build_module, zero_stage
+    from wenlan.parallel.momentum import MomentumEMA
+    from wenlan.parallel.reshard import PORTABLE, load_portable
     from wenlan.tracking import Tracker
 
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     is_main = rank == 0
+    zero3 = zero_stage(cfg.deepspeed_config) == 3
     out = Path(cfg.output_dir)
     checkpoint_dir = out / "checkpoints"
     if is_main:
@@ -87,33 +109,55 @@ def run(cfg: TrainConfig) -> dict:
         raise ValueError(f"--tokenizer has {len(tokenizer)} tokens but preset {cfg.preset!r} has "
                          f"text.vocab_size={cfg.model.text.vocab_size}; use a smaller vocabulary or a larger preset")
 
+    where = ckpt.resolve_resume(cfg.resume, checkpoint_dir)
+    portable = None
+    if ckpt.is_portable(where):  # converted by wenlan.parallel.reshard: whole tensors, any world size
+        portable = torch.load(Path(where[0]) / where[1] / PORTABLE, map_location="cpu", weights_only=False)
     # The same seed on every rank: identical initial weights everywhere.
     seed_everything(cfg.seed)
-    model = BriVL(cfg.model, momentum=cfg.objective.name == "brivl")
-    if model.momentum_image_tower is not None:
-        momentum_update(model, 0.0)  # momentum towers start as copies of the online towers
-    module = ContrastivePretraining(model, cfg.objective)
+    module = build_module(cfg, portable["weights"] if portable else None)
+    model = module.model
     engine = build_engine(module, cfg)
+    # The queues hold keys in fp32 whatever the weights' dtype (zero.Init creates bf16 tensors in bf16 runs).
+    if module.queues is not None:
+        module.queues.float()
+    ema = None
+    if model.momentum_image_tower is not None:
+        ema = MomentumEMA([("model." + name, p, q) for name, p, q in model.named_momentum_pairs()])
+        ema.update(0.0)  # momentum towers start as copies of the online towers
+    gather = KeyGather()
     device = engine.device
     # bf16 configs cast the module's weights; images must follow (token ids stay integers).
     image_dtype = next(module.model.image_tower.parameters()).dtype
 
-    step, samples_seen, restarts = 0, 0, 0
-    where = ckpt.resolve_resume(cfg.resume, checkpoint_dir)
-    if where is not None:
-        state = ckpt.load(engine, where)
+    step, samples_seen, restarts, data_position = 0, 0, 0, None
+    seed_everything(cfg.seed * 100003 + rank * 1009)  # dropout etc. differ between ranks
+    state = None
+    if portable is not None:
+        state = load_portable(engine, module, ema, portable)
+        # per-rank RNG states do not carry over to another world size: reseed them by the step
+        seed_everything(cfg.seed * 100003 + rank * 1009 + state["step"])
+    elif where is not None:
+        state, rank_state = ckpt.load(engine, where)
+        ckpt.restore_rng(rank_state["rng"])
+        if ema is not None:
+            ema.load_state_dict(rank_state["momentum_masters"])
+        if module.queues is not None:
+            module.queues.load_state(rank_state["queues"])
+    if state is not None:
         step, samples_seen, restarts = state["step"], state["samples_seen"], state.get("restarts", 0) + 1
+        data_position = state.get("data_position")  # older checkpoints: the streams start over
         if is_main:
-            log.info("resumed from %s/%s at step %d", where[0], where[1], step)
-    # Each rank augments differently; a resumed run draws a fresh (still seeded) sequence.
-    seed_everything(cfg.seed * 100003 + rank * 1009 + step)
+            log.info("resumed from %s%s/%s at step %d on %d ranks", "converted checkpoint " if portable else "",
+                     where[0], where[1], step, world)
 
-    data_cfg = DataConfig(shards=cfg.train_shards, batch_size=cfg.batch.micro_batch,
-                          image_size=cfg.model.image.image_size, max_text_len=cfg.model.text.max_len,
-                          num_workers=cfg.num_workers, seed=cfg.seed, color_augment=cfg.color_augment)
-    # Data position: the stream restarts at an epoch numbered by the step, so a resumed run does not
-    # replay the batches it already trained on.
-    batches = iter(make_train_loader(data_cfg, tokenizer, rank=rank, world_size=world, epoch_offset=step))
+    data_cfg = DataConfig(shards=cfg.train_shards, image_size=cfg.model.image.image_size,
+                          max_text_len=cfg.model.text.max_len, num_workers=cfg.num_workers, seed=cfg.seed,
+                          color_augment=cfg.color_augment, streams=cfg.data_streams)
+    # Each step's batch is this rank's contiguous slice of the global batch, the same samples at any
+    # world size; a resumed run continues at the exact position the checkpoint recorded.
+    batches = iter(make_train_loader(data_cfg, tokenizer, rank=rank, world_size=world,
+                                     global_batch=cfg.batch.global_batch, position=data_position))
 
     tracker = Tracker(is_main, out, cfg.mlflow_uri, cfg.mlflow_experiment, run_name=out.name)
     tracker.log_params(cfg.to_dict())
@@ -124,9 +168,19 @@ def run(cfg: TrainConfig) -> dict:
                  cfg.preset, cfg.objective.name, zero_stage(cfg.deepspeed_config), world,
                  cfg.batch.global_batch, cfg.max_steps)
 
-    def run_state() -> dict:
-        return dict(step=step, samples_seen=samples_seen, restarts=restarts, config=cfg.to_dict(),
-                    zero_stage=zero_stage(cfg.deepspeed_config), world_size=world)
+    def save() -> None:
+        positions = [None] * world
+        dist.all_gather_object(positions, data_position)  # a small dict per rank, no gradient
+        run_state = dict(step=step, samples_seen=samples_seen, restarts=restarts, config=cfg.to_dict(),
+                         zero_stage=zero_stage(cfg.deepspeed_config), world_size=world,
+                         data_position=merge_positions(positions))
+        replicated = module.queues is not None and module.queues.num_shards == 1
+        rank_state = dict(rng=ckpt.capture_rng(),
+                          # ZeRO-3: this rank's partitions; otherwise whole tensors, equal on all ranks.
+                          momentum_masters=(ema.state_dict() if ema else {}) if zero3 or is_main else None,
+                          queues=module.queues.state() if module.queues is not None and (is_main or not replicated)
+                          else None)
+        ckpt.save(engine, checkpoint_dir, step, run_state, rank_state)
 
     def run_eval() -> dict:
         metrics = evaluate(module.model, cfg.val_shards, tokenizer, cfg.model.image.image_size,
@@ -141,35 +195,41 @@ def run(cfg: TrainConfig) -> dict:
     window = dict(time=time.perf_counter(), data=0.0, samples=0, skipped=0, loss=0.0, acc=0.0, n=0)
     metrics = {}
     engine.train()
+    micro = cfg.batch.micro_batch
     while step < cfg.max_steps:
-        pending = []  # gathered keys of this step's micro-batches, enqueued after the optimizer step
-        for _ in range(cfg.batch.grad_accum):
-            t0 = time.perf_counter()
-            batch = next(batches)
-            window["data"] += time.perf_counter() - t0
-            window["skipped"] += int(batch["skipped"])
-            images = batch["images"].to(device, image_dtype)
-            input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        t0 = time.perf_counter()
+        batch = next(batches)  # this rank's share of the step: grad_accum micro-batches
+        window["data"] += time.perf_counter() - t0
+        window["skipped"] += sum(batch["skipped"].values())
+        use_queue = step >= cfg.objective.queue_warmup_steps
+        for i in range(cfg.batch.grad_accum):
+            part = slice(i * micro, (i + 1) * micro)
+            images = batch["images"][part].to(device, image_dtype)
+            input_ids, mask = batch["input_ids"][part].to(device), batch["attention_mask"][part].to(device)
             ids = caption_ids(input_ids)
-            use_queue = step >= cfg.objective.queue_warmup_steps
             loss, stats, keys = engine(images, input_ids, mask, ids, use_queue=use_queue)
+            if keys is not None:
+                gather.add(*keys)
+                if i == cfg.batch.grad_accum - 1:
+                    gather.launch()  # all-gather of the step's keys runs during the last backward
             engine.backward(loss)
             engine.step()
-            if keys is not None:
-                pending.append(tuple(gather_keys(k) for k in keys))
             window["loss"] += loss.item()
             window["acc"] += float(stats["acc_i2t"])
             window["n"] += 1
-            window["samples"] += images.shape[0] * world
+        window["samples"] += cfg.batch.global_batch
         step += 1
         samples_seen += cfg.batch.global_batch
-        if pending:
-            momentum_update(module.model, cfg.objective.momentum_at(step, cfg.max_steps))
-            module.queues.enqueue(*(torch.cat(parts) for parts in zip(*pending)))
+        data_position = batch["position"]
+        if ema is not None:
+            ema.update(cfg.objective.momentum_at(step, cfg.max_steps))
+            module.queues.enqueue(*gather.wait())  # after the optimizer step: the loss graph used the old queue
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             skipped = torch.tensor(window["skipped"], device=device)
             dist.all_reduce(skipped)  # a count, no gradient
+            if module.queues is not None and module.queues.num_shards == 1:
+                check_replicated(module.queues, step)
             elapsed = time.perf_counter() - window["time"]
             logged = dict(loss=window["loss"] / window["n"], acc_i2t=window["acc"] / window["n"],
                           lr=engine.get_lr()[0], temperature=float(stats["temperature"]),
@@ -187,10 +247,10 @@ def run(cfg: TrainConfig) -> dict:
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
             metrics = run_eval()
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            ckpt.save(engine, checkpoint_dir, step, run_state())
+            save()
 
-    if not (checkpoint_dir / ckpt.tag_for(step)).exists():
-        ckpt.save(engine, checkpoint_dir, step, run_state())
+    if ckpt.tag_for(step) not in ckpt.complete_tags(checkpoint_dir):
+        save()
     metrics = run_eval()
     tracker.close()
     dist.barrier()

@@ -1,8 +1,8 @@
 """BriVL: online image/text towers plus their momentum (key) copies.
 
-The momentum towers are built from the same config and take the online weights through
-``momentum_update(m=0)``, which is the same code path (and, under ZeRO-3, the same partition-local
-update) as every later EMA step. They never receive gradients.
+The momentum towers are built from the same config and take the online weights through an EMA step
+with m=0 (``wenlan.parallel.momentum.MomentumEMA``, partition-local under ZeRO-3), the same code path as
+every later EMA step. They never receive gradients.
 """
 
 from dataclasses import dataclass, field
@@ -33,11 +33,24 @@ class BriVL(nn.Module):
             self.momentum_image_tower = ImageTower(cfg.image, cfg.embed_dim).requires_grad_(False)
             self.momentum_text_tower = TextTower(cfg.text, cfg.embed_dim).requires_grad_(False)
 
+    def pretrained_state(self) -> dict[str, torch.Tensor]:
+        """The configured pretrained backbone / text encoder weights, named as in this model's state
+        dict (online towers only: the momentum towers copy them when they are initialised)."""
+        state = {f"image_tower.backbone.{k}": v for k, v in self.image_tower.backbone.pretrained_state().items()}
+        state.update({f"text_tower.{k}": v for k, v in self.text_tower.pretrained_state().items()})
+        return state
+
     def online_momentum_pairs(self):
-        """(online, momentum) parameter pairs, in a fixed order, for the EMA update."""
-        for online, key in ((self.image_tower, self.momentum_image_tower),
-                            (self.text_tower, self.momentum_text_tower)):
-            yield from zip(online.parameters(), key.parameters())
+        """(online, momentum) parameter pairs, in a fixed order."""
+        for _, online, key in self.named_momentum_pairs():
+            yield online, key
+
+    def named_momentum_pairs(self):
+        """(momentum parameter name, online parameter, momentum parameter), in a fixed order, for the EMA."""
+        for prefix, online, key in (("momentum_image_tower.", self.image_tower, self.momentum_image_tower),
+                                    ("momentum_text_tower.", self.text_tower, self.momentum_text_tower)):
+            for (name, p), q in zip(online.named_parameters(), key.parameters()):
+                yield prefix + name, p, q
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.image_tower(images)  # (B, E)

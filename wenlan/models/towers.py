@@ -4,6 +4,8 @@ image: backbone -> region pooling -> self-attention layers -> masked mean -> MLP
 text:  BERT encoder -> self-attention layers -> masked mean -> MLP head -> L2 norm
 
 Parameters are only touched inside ``forward`` (under ZeRO-3 they are partitioned everywhere else).
+``__init__`` only builds the architecture; ``pretrained_state()`` returns the pretrained weights to
+load afterwards (module by module with gathered parameters under ZeRO-3).
 """
 
 from dataclasses import dataclass, field
@@ -116,24 +118,26 @@ class ImageBackbone(nn.Module):
         self.net = timm.create_model(cfg.backbone, pretrained=False, num_classes=0, global_pool="", **kwargs)
         self.num_features = self.net.num_features
         self.prefix_tokens = getattr(self.net, "num_prefix_tokens", 0)
-        if cfg.pretrained_path:
-            self._load_pretrained(cfg.pretrained_path)
+        self.pretrained_path = cfg.pretrained_path
         if cfg.trainable_prefixes is not None:
             for name, p in self.net.named_parameters():
                 p.requires_grad_(name.startswith(tuple(cfg.trainable_prefixes)))
 
-    def _load_pretrained(self, path: str) -> None:
-        """A local timm checkpoint (.safetensors/.pth). Its classifier is dropped (this backbone has
-        none); any other mismatch is an error rather than a silently half-loaded backbone."""
-        state = timm.models.load_state_dict(path)
-        problem = f"image.pretrained_path={path!r} does not fit backbone {type(self.net).__name__}"
-        try:
-            missing, unexpected = self.net.load_state_dict(state, strict=False)
-        except RuntimeError as err:  # shape mismatches raise even when not strict
-            raise ValueError(f"{problem}: {err}") from None
-        unexpected = [k for k in unexpected if not k.startswith(("classifier.", "head.", "fc."))]
+    def pretrained_state(self) -> dict[str, torch.Tensor]:
+        """The local timm checkpoint of ``pretrained_path`` (.safetensors/.pth) as this module's state,
+        empty if none. Its classifier is dropped (this backbone has none); any other mismatch is an
+        error rather than a silently half-loaded backbone."""
+        if not self.pretrained_path:
+            return {}
+        state = timm.models.load_state_dict(self.pretrained_path)
+        state = {k: v for k, v in state.items() if not k.startswith(("classifier.", "head.", "fc."))}
+        expected = {k for k, _ in self.net.named_parameters()} | set(self.net.state_dict().keys())
+        missing = sorted(expected - set(state))
+        unexpected = sorted(set(state) - expected)
         if missing or unexpected:
-            raise ValueError(f"{problem}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(f"image.pretrained_path={self.pretrained_path!r} does not fit backbone "
+                             f"{type(self.net).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return {"net." + k: v for k, v in state.items()}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.net.forward_features(images)
@@ -173,8 +177,10 @@ class TextTower(nn.Module):
     def __init__(self, cfg: TextTowerConfig, embed_dim: int):
         super().__init__()
         self.l2_tokens = cfg.l2_tokens
-        if cfg.pretrained_path:
-            self.bert = transformers.AutoModel.from_pretrained(cfg.pretrained_path, add_pooling_layer=False)
+        self.pretrained_path = cfg.pretrained_path
+        if cfg.pretrained_path:  # the architecture now, the weights from pretrained_state()
+            self.bert = transformers.AutoModel.from_config(transformers.AutoConfig.from_pretrained(cfg.pretrained_path),
+                                                           add_pooling_layer=False)
         else:
             bert_cfg = transformers.BertConfig(
                 vocab_size=cfg.vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.bert_layers,
@@ -191,6 +197,14 @@ class TextTower(nn.Module):
         self.encoder = nn.ModuleList(
             SelfAttentionLayer(hidden, cfg.heads, cfg.ffn_dim, cfg.dropout, cfg.norm_first) for _ in range(cfg.layers))
         self.head = ProjectionHead(hidden, embed_dim, embed_dim)
+
+    def pretrained_state(self) -> dict[str, torch.Tensor]:
+        """The encoder weights of the ``save_pretrained`` directory ``pretrained_path`` as this module's
+        state, empty if none."""
+        if not self.pretrained_path:
+            return {}
+        pretrained = transformers.AutoModel.from_pretrained(self.pretrained_path, add_pooling_layer=False)
+        return {"bert." + k: v for k, v in pretrained.state_dict().items()}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # BriVL-1.0 gives BERT no attention mask, so padding tokens are attended; here padding is masked

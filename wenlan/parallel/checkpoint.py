@@ -1,76 +1,213 @@
-"""Checkpoints: DeepSpeed save/load with the run state, and consolidated weights from any checkpoint."""
+"""Checkpoints: DeepSpeed's engine state plus what it does not carry, written so that a crash mid-save
+never leaves a checkpoint that looks usable.
+
+A tag directory ``stepNNNNNNNN`` holds DeepSpeed's files (module, ZeRO optimizer partitions, LR
+schedule; the momentum towers are frozen parameters, which DeepSpeed stores as partitions under
+ZeRO-2/3), the run state in the client state (step, config, the data position of every stream), and
+one ``wenlan_rank{r}.pt`` per rank with its RNG states, its fp32 masters of the momentum weights
+(ZeRO-3: its partitions) and its queue shard; state equal on every rank (whole masters, a replicated
+queue) is written by rank 0 only and stored as None by the others. ``complete.json`` is written by rank 0
+only after every rank's files are on disk; ``--resume auto`` takes the newest tag that has it.
+"""
 
 import json
+import os
+import re
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 STATE_KEY = "wenlan"  # the client_state entry holding the run state
+COMPLETE = "complete.json"
+TAG = re.compile(r"^step(\d{8})$")
 
 
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
-def save(engine, checkpoint_dir: Path, step: int, run_state: dict) -> None:
-    """Every rank calls this (ZeRO shards are written by their owners)."""
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag_for(step), client_state={STATE_KEY: run_state})
+def rank_file(tag_dir: Path, rank: int) -> Path:
+    return Path(tag_dir) / f"wenlan_rank{rank:05d}.pt"
+
+
+def capture_rng() -> dict:
+    """This process's RNG states (dropout and anything else drawn in the training process; data
+    augmentation is seeded per sample and needs none)."""
+    import random
+
+    import numpy as np
+
+    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def restore_rng(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = Path(str(path) + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save(engine, checkpoint_dir: Path, step: int, run_state: dict, rank_state: dict) -> None:
+    """Every rank calls this (ZeRO partitions are written by their owners)."""
+    rank = dist.get_rank()
+    tag_dir = Path(checkpoint_dir) / tag_for(step)
+    if rank == 0 and (tag_dir / COMPLETE).exists():
+        (tag_dir / COMPLETE).unlink()  # being overwritten: not complete until the end of this save
+    dist.barrier()  # no gradient; nobody writes before the old marker is gone
+    engine.save_checkpoint(str(checkpoint_dir), tag=tag_for(step), client_state={STATE_KEY: run_state},
+                           save_latest=False)
+    atomic_torch_save(rank_state, rank_file(tag_dir, rank))
+    dist.barrier()  # no gradient; every rank's files are on disk
+    if rank == 0:
+        write_json(tag_dir / COMPLETE, {"step": step, "world_size": dist.get_world_size(),
+                                        "zero_stage": run_state["zero_stage"],
+                                        "data_streams": run_state["config"]["data_streams"]})
+        write_text(Path(checkpoint_dir) / "latest", tag_for(step))
+    dist.barrier()
+
+
+def complete_tags(checkpoint_dir: Path) -> list[str]:
+    """Tags with every rank's files written, oldest first."""
+    if not Path(checkpoint_dir).is_dir():
+        return []
+    tags = [p.name for p in Path(checkpoint_dir).iterdir() if TAG.match(p.name) and (p / COMPLETE).is_file()]
+    return sorted(tags)
 
 
 def resolve_resume(resume: str, checkpoint_dir: Path) -> tuple[Path, str] | None:
-    """--resume auto|none|PATH -> (checkpoint dir, tag) to load, or None for a fresh start."""
+    """--resume auto|none|PATH -> (checkpoints dir, tag) to load, or None for a fresh start.
+
+    auto: the newest complete checkpoint in the run's own checkpoints dir (none: fresh start). PATH: a
+    checkpoints dir (its newest complete tag) or one tag dir, which must be complete.
+    """
     if resume == "none":
         return None
     if resume == "auto":
-        latest = checkpoint_dir / "latest"
-        return (checkpoint_dir, latest.read_text().strip()) if latest.is_file() else None
+        tags = complete_tags(checkpoint_dir)
+        return (Path(checkpoint_dir), tags[-1]) if tags else None
     path = Path(resume)
-    if (path / "latest").is_file():
-        return path, (path / "latest").read_text().strip()
-    if path.is_dir() and any(path.glob("mp_rank_*_model_states.pt")):
+    if TAG.match(path.name) and path.is_dir():
+        if not (path / COMPLETE).is_file():
+            raise ValueError(f"--resume: {resume} is an incomplete checkpoint (no {COMPLETE}: its save was "
+                             "interrupted); resume from an older tag or use --resume auto")
         return path.parent, path.name
-    raise ValueError(f"--resume: {resume!r} is neither a checkpoints directory (with a 'latest' file) "
-                     "nor a checkpoint tag directory; use auto, none or such a path")
+    tags = complete_tags(path)
+    if tags:
+        return path, tags[-1]
+    raise ValueError(f"--resume: {resume!r} is neither a checkpoints directory with a complete checkpoint nor a "
+                     "complete checkpoint tag directory (stepNNNNNNNN); use auto, none or such a path")
 
 
-def load(engine, where: tuple[Path, str]) -> dict:
-    """Restore engine (weights, buffers incl. queues, optimizer, LR schedule); return the run state."""
+def read_complete(tag_dir: Path) -> dict:
+    return json.loads((Path(tag_dir) / COMPLETE).read_text())
+
+
+def is_portable(where: tuple[Path, str] | None) -> bool:
+    """A tag written by ``wenlan.parallel.reshard`` (whole tensors, any world size)."""
+    return where is not None and read_complete(Path(where[0]) / where[1]).get("format") == "portable"
+
+
+def load(engine, where: tuple[Path, str]) -> tuple[dict, dict]:
+    """Restore the engine (weights, frozen momentum partitions, optimizer, LR schedule) and return
+    (run state, this rank's extra state)."""
     directory, tag = where
+    info = read_complete(Path(directory) / tag)
+    world = dist.get_world_size()
+    if info["world_size"] != world:
+        raise ValueError(
+            f"checkpoint {directory}/{tag} was written by {info['world_size']} ranks, this run has {world}. "
+            f"Convert it first: python -m wenlan.parallel.reshard --checkpoint {directory}/{tag} --out NEW_DIR, "
+            "then --resume NEW_DIR")
     path, client_state = engine.load_checkpoint(str(directory), tag=tag)
     if path is None:
         raise RuntimeError(f"could not load checkpoint {tag} from {directory}")
-    return client_state[STATE_KEY]
+    rank_state = torch.load(rank_file(Path(directory) / tag, dist.get_rank()), map_location="cpu",
+                            weights_only=False)
+    shared = [k for k, v in rank_state.items() if v is None]
+    if shared:  # state equal on every rank is written once, by rank 0
+        rank0 = torch.load(rank_file(Path(directory) / tag, 0), map_location="cpu", weights_only=False)
+        rank_state.update({k: rank0[k] for k in shared})
+    return client_state[STATE_KEY], rank_state
 
 
-def _tag_dir(checkpoint: Path) -> Path:
+def tag_dir_of(checkpoint: Path) -> Path:
+    """The tag dir itself, or the newest complete tag of a checkpoints dir."""
     checkpoint = Path(checkpoint)
-    if (checkpoint / "latest").is_file():
-        return checkpoint / (checkpoint / "latest").read_text().strip()
-    if any(checkpoint.glob("mp_rank_*_model_states.pt")):
+    if TAG.match(checkpoint.name) and (checkpoint / COMPLETE).is_file():
         return checkpoint
-    raise FileNotFoundError(f"{checkpoint} is neither a checkpoints directory with a 'latest' file nor a "
-                            "checkpoint tag directory")
+    tags = complete_tags(checkpoint)
+    if tags:
+        return checkpoint / tags[-1]
+    raise FileNotFoundError(f"{checkpoint} is neither a checkpoints directory with a complete checkpoint nor a "
+                            "complete checkpoint tag directory (stepNNNNNNNN with complete.json)")
+
+
+def _whole(parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """A ZeRO-3 parameter from its ranks' flat partitions (the last one padded)."""
+    return torch.cat([p.reshape(-1) for p in parts])[: like.numel()].view(like.shape)
 
 
 def read_consolidated(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Whole fp32 tensors of every parameter and buffer of the trained module, plus the run state, from
-    a checkpoint of any ZeRO stage and world size, on CPU and without a process group."""
-    tag_dir = _tag_dir(checkpoint)
-    model_states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    """Whole fp32 tensors of every parameter and buffer of the trained module (momentum weights from
+    their fp32 masters, queues under ``queues.``), plus the run state, from a checkpoint of any ZeRO
+    stage and world size, on CPU and without a process group."""
+    from wenlan.losses.queue import consolidate
+
+    tag_dir = tag_dir_of(checkpoint)
+    info = read_complete(tag_dir)
+    if info.get("format") == "portable":
+        portable = torch.load(tag_dir / "portable.pt", map_location="cpu", weights_only=False)
+        state = dict(portable["weights"])
+        if portable["queues"] is not None:
+            queue = portable["queues"]
+            state.update({f"queues.{k}": queue[k] for k in ("image", "text", "ids")})
+            state.update({f"queues.{k}": torch.tensor([queue[k]]) for k in ("ptr", "filled")})
+        return state, portable["run_state"]
+    stage, world = info["zero_stage"], info["world_size"]
+    model_file = "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt"
+    model_states = torch.load(tag_dir / model_file, map_location="cpu", weights_only=False)
     run_state = model_states[STATE_KEY]
-    module = model_states["module"]
-    if any(tag_dir.glob("*optim_states.pt")) and run_state["zero_stage"] > 0:
+    module = dict(model_states["module"])
+    if stage > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        # The optimizer shards hold the fp32 master of every trainable parameter; the module file may
-        # hold only low-precision copies (bf16) or, under ZeRO-3, placeholders.
-        fp32 = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-        module = {**module, **fp32}
+        # The optimizer partitions hold the fp32 master of every trainable parameter and the model files
+        # the frozen (momentum) partitions; the module dict itself may hold only bf16 copies or, under
+        # ZeRO-3, empty placeholders.
+        module.update(get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                               exclude_frozen_parameters=False))
     state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+
+    rank_states = [torch.load(rank_file(tag_dir, r), map_location="cpu", weights_only=False) for r in range(world)]
+    for name, master in rank_states[0].get("momentum_masters", {}).items():
+        parts = [rs["momentum_masters"][name] for rs in rank_states] if stage == 3 else [master]
+        state[name] = _whole(parts, state[name]).float()
+    queues = [rs["queues"] for rs in rank_states if rs.get("queues") is not None]
+    if queues:
+        queue = consolidate(queues)
+        state.update({f"queues.{k}": queue[k] for k in ("image", "text", "ids")})
+        state.update({f"queues.{k}": torch.tensor([queue[k]]) for k in ("ptr", "filled")})
     return state, run_state
 
 
-def write_json(path: Path, data: dict) -> None:
+def write_text(path: Path, text: str) -> None:
     tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
+    tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_text(path, json.dumps(data, indent=2))

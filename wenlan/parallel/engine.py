@@ -1,11 +1,21 @@
-"""DeepSpeed engine construction for a built ContrastivePretraining module."""
+"""Model and DeepSpeed engine construction.
 
+Under ZeRO-3 the model is built inside ``deepspeed.zero.Init``: every parameter, online and momentum,
+is partitioned across the data-parallel ranks as soon as its module is constructed, so no rank ever
+holds a whole model. The momentum towers have no gradient and are not handed to the optimizer, so they
+cost their partition only (no gradient, no optimizer state).
+"""
+
+import contextlib
 import math
 
 import deepspeed
 import torch
 
 from wenlan.config import TrainConfig
+from wenlan.losses.objective import ContrastivePretraining
+from wenlan.models.brivl import BriVL
+from wenlan.models.init import init_weights
 
 NO_DECAY_NAMES = ("bias", "norm", "log_scale", "embeddings")
 
@@ -19,7 +29,8 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or any(k in name for k in NO_DECAY_NAMES) else decay).append(p)
+            ndim = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partition is a flat placeholder
+            (no_decay if ndim < 2 or any(k in name for k in NO_DECAY_NAMES) else decay).append(p)
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
@@ -31,6 +42,57 @@ def warmup_cosine(warmup_steps: int, max_steps: int, min_ratio: float):
         progress = min((step - warmup_steps) / max(max_steps - warmup_steps, 1), 1.0)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
+
+
+def _gathered(module: torch.nn.Module):
+    """One module's own ZeRO-3 partitions gathered; rank 0's edits are re-partitioned to every rank on
+    exit (edits inside ``GatheredParameters`` without ``modifier_rank`` are silently dropped)."""
+    params = [p for p in module.parameters(recurse=False) if hasattr(p, "ds_id")]
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=bool(params))
+
+
+def build_module(cfg: TrainConfig, weights: dict[str, torch.Tensor] | None = None) -> ContrastivePretraining:
+    """BriVL + objective, initialised from ``cfg.seed`` and the configured pretrained weights, or, given
+    ``weights`` (a converted checkpoint's whole tensors), from those.
+
+    Under ZeRO-3 it is built inside ``zero.Init``, so each module is partitioned as soon as it is
+    constructed. Third-party constructor inits are switched off (they run after their children are
+    partitioned, where they fail or do nothing); ``init_weights`` then initialises every module with
+    its partitions gathered one module at a time, giving the weights a plain build gets.
+    """
+    from transformers.initialization import no_init_weights
+
+    zero3 = zero_stage(cfg.deepspeed_config) == 3
+    build = deepspeed.zero.Init(config_dict_or_path=cfg.deepspeed_config) if zero3 else contextlib.nullcontext()
+    with build, no_init_weights():
+        model = BriVL(cfg.model, momentum=cfg.objective.name == "brivl")
+        module = ContrastivePretraining(model, cfg.objective)
+    if weights is not None:
+        copy_state(module, weights, "converted checkpoint")
+        return module
+    # The momentum towers are not initialised here: they start as a copy of the online towers.
+    init_weights(module, cfg.seed, module_context=_gathered, skip_prefixes=("model.momentum_",))
+    copy_state(model, model.pretrained_state(), "pretrained weights")
+    return module
+
+
+@torch.no_grad()
+def copy_state(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Copy named tensors into ``module``'s parameters and buffers; under ZeRO-3 one module at a time
+    is gathered, never the whole model."""
+    for module_name, sub in module.named_modules():
+        prefix = module_name + "." if module_name else ""
+        own = {n: t for n, t in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]
+               if prefix + n in state}
+        if not own:
+            continue
+        with _gathered(sub):
+            for name, tensor in own.items():
+                value = state[prefix + name]
+                if value.shape != tensor.shape:
+                    raise ValueError(f"{what}: {prefix + name} has shape {tuple(value.shape)}, the model expects "
+                                     f"{tuple(tensor.shape)}: check the preset against the checkpoint")
+                tensor.copy_(value)
 
 
 def build_engine(module: torch.nn.Module, cfg: TrainConfig):

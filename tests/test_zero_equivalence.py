@@ -1,0 +1,179 @@
+"""The parallel strategies against one reference, on real DeepSpeed engines (CPU, gloo).
+
+The same seed, data and global batch must give the same model whatever the ZeRO stage and world size:
+2-rank ZeRO-1/2/3 runs (ZeRO-2 with sharded queues) end with the weights, momentum towers and queues of a
+1-rank ZeRO-0 run that accumulates two micro-batches per step. Every run logs every step, and the
+trainer compares the replicated queues across ranks at each log step (it stops if they differ). A run
+killed with SIGKILL at random steps and resumed with ``--resume auto`` ends bit for bit where the
+uninterrupted run ends, and a checkpoint converted with ``wenlan.parallel.reshard`` resumes on another
+world size and ZeRO stage and ends where the reference ends.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_tools.make_demo_data import write_demo_shards
+from tests.helpers import DEEPSPEED, ROOT, cpu_env, free_port, launch
+from wenlan.export import export
+
+STEPS = 10
+GLOBAL_BATCH = 32
+QUEUE = 128  # full after 4 steps, then every slot is overwritten once more
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("equiv-data")
+    write_demo_shards(root, n_train=800, n_val=32, seed=3, image_size=64, shard_size=100, quiet=True)
+    return root
+
+
+def ds_config(tmp: Path, stage: int, micro: int, accum: int) -> str:
+    cfg = json.loads((ROOT / "ds_configs" / "cpu_tiny.json").read_text())
+    cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
+    # A gentle LR: contrastive training of a random model at 1e-3 is chaotic enough to grow a 1e-7
+    # difference in summation order (an all-reduce vs accumulation) into 1e-3 within ten steps.
+    cfg["optimizer"]["params"]["lr"] = 1e-4
+    cfg["zero_optimization"] = {"stage": stage}
+    if stage == 3:
+        # Small enough that biases and norms stay whole (persistent) while matrices are partitioned.
+        cfg["zero_optimization"].update(stage3_param_persistence_threshold=1000, reduce_bucket_size=100_000,
+                                        stage3_prefetch_bucket_size=100_000)
+    path = tmp / f"ds_zero{stage}_{micro}x{accum}.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def train_args(data: Path, out: Path, ds: str) -> list[str]:
+    return ["--deepspeed_config", ds, "--preset", "tiny", "--tokenizer", str(data / "tokenizer"),
+            "--train-shards", str(data / "train-{000000..000007}.tar"), "--val-shards", str(data / "val-000000.tar"),
+            "--max-steps", str(STEPS), "--output-dir", str(out), "--queue-size", str(QUEUE), "--log-every", "1",
+            "--save-every", "2", "--num-workers", "1", "--data-streams", "4",
+            "--mlflow-uri", f"sqlite:///{out.parent / 'mlflow.db'}"]
+
+
+def assert_close_per_tensor(reference: dict, other: dict, what: str) -> None:
+    """Relative error < 1e-5 per tensor, integers exact. BERT's attention key bias adds the same amount
+    to all of a query's logits, which softmax ignores: its true gradient is exactly zero and it holds
+    only rounding noise (~1e-9), so an absolute floor of 1e-7 per element applies to it, as to any
+    tensor that small."""
+    assert set(reference) == set(other)
+    for name, ref in reference.items():
+        if ref.is_floating_point():
+            error = (other[name] - ref).norm().item()
+            bound = 1e-5 * ref.norm().item() + 1e-7 * ref.numel() ** 0.5
+            assert error <= bound, f"{what}: {name} error {error:.2e} > {bound:.2e} (norm {ref.norm().item():.2e})"
+        else:
+            assert torch.equal(other[name], ref), f"{what}: {name} differs"
+
+
+def exported(out: Path) -> dict[str, torch.Tensor]:
+    path = out.parent / f"{out.name}.safetensors"
+    export(out / "checkpoints", path, full=True)
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("equiv")
+    outs = {"zero0-1rank": tmp / "zero0"}
+    launch(1, train_args(data, outs["zero0-1rank"], ds_config(tmp, 0, GLOBAL_BATCH // 2, 2)))
+    for stage in (1, 2, 3):
+        outs[f"zero{stage}-2rank"] = out = tmp / f"zero{stage}"
+        # ZeRO-2 also shards the queues (K/2 slots per rank, distributed log-sum-exp): same result.
+        extra = ["--queue-mode", "sharded"] if stage == 2 else []
+        proc = launch(2, train_args(data, out, ds_config(tmp, stage, GLOBAL_BATCH // 2, 1)) + extra)
+        assert f"step {STEPS:>6}/{STEPS}" in proc.stdout
+    return outs
+
+
+@pytest.mark.parametrize("strategy", ["zero1-2rank", "zero2-2rank", "zero3-2rank"])
+def test_two_ranks_equal_one_rank_zero0(runs, strategy):
+    reference, other = exported(runs["zero0-1rank"]), exported(runs[strategy])
+    assert any(k.startswith("momentum.image_tower.") for k in reference)
+    assert {"queue.image", "queue.text", "queue.ids", "queue.ptr", "queue.filled"} <= set(reference)
+    assert_close_per_tensor(reference, other, strategy)
+    # The run really trained: the online towers left their momentum copies behind.
+    w = "image_tower.head.fc1.weight"
+    assert (reference[w] - reference["momentum." + w]).abs().max() > 1e-5
+    assert reference["queue.filled"].item() == QUEUE and reference["queue.ptr"].item() == (STEPS * GLOBAL_BATCH) % QUEUE
+
+
+def test_zero3_partitions_the_momentum_towers(runs):
+    """ZeRO-3 checkpoints hold each momentum parameter as per-rank partitions, not whole tensors."""
+    tag = runs["zero3-2rank"] / "checkpoints" / f"step{STEPS:08d}"
+    states = [torch.load(tag / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+              for r in range(2)]
+    name = "model.momentum_text_tower.bert.encoder.layer.0.intermediate.dense.weight"  # 256 x 128, partitioned
+    shapes = [s["frozen_param_fragments"][name].numel() for s in states]
+    assert shapes == [256 * 128 // 2] * 2
+
+
+def run_until_killed(args: list[str], kill_at: int) -> None:
+    """Start a 2-rank run and SIGKILL every process of it as soon as rank 0 logs step ``kill_at``."""
+    cmd = [DEEPSPEED, "--num_accelerators", "2", "--master_port", str(free_port()), str(ROOT / "wenlan" / "train.py"),
+           *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    marker, seen = f"step {kill_at:>6}/", []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if marker in line:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+        else:
+            raise AssertionError(f"run ended before step {kill_at}:\n{''.join(seen)[-4000:]}")
+    finally:
+        proc.wait(timeout=60)
+        proc.stdout.close()
+
+
+def test_kill9_at_random_steps_then_resume_auto_is_bitwise_equal(runs, data, tmp_path):
+    """Three SIGKILLs of all ranks at random steps (with a checkpoint every 2 steps, so some land right
+    after a save, some mid-way), each followed by --resume auto; the final weights are bit for bit the
+    uninterrupted run's, momentum towers and queues included."""
+    rng = random.Random(os.environ.get("WENLAN_KILL_SEED", "kill"))
+    kill_points = sorted(rng.sample(range(2, STEPS), 3))
+    out = tmp_path / "killed"
+    args = train_args(data, out, ds_config(tmp_path, 3, GLOBAL_BATCH // 2, 1))
+    for kill_at in kill_points:
+        run_until_killed(args, kill_at)
+    launch(2, args)
+    reference, resumed = exported(runs["zero3-2rank"]), exported(out)
+    for name, ref in reference.items():
+        assert torch.equal(resumed[name], ref), f"{name} differs after kills at steps {kill_points}"
+
+
+@pytest.mark.parametrize("source, ranks, stage", [("zero3-2rank", 1, 0), ("zero0-1rank", 2, 3)])
+def test_reshard_then_resume_on_another_world_size(runs, data, tmp_path, source, ranks, stage):
+    """2 ranks -> convert -> 1 rank, and 1 -> 2: the converted checkpoint holds the saved momentum towers,
+    queues and weights, and the resumed run ends where the uninterrupted reference ends."""
+    from wenlan.parallel.checkpoint import read_consolidated
+    from wenlan.parallel.reshard import reshard
+
+    saved_tag = runs[source] / "checkpoints" / "step00000006"
+    converted = tmp_path / "converted" / "checkpoints"
+    reshard(saved_tag, converted)
+    saved, saved_run = read_consolidated(saved_tag)
+    portable, portable_run = read_consolidated(converted)
+    assert set(saved) == set(portable) and saved_run["data_position"] == portable_run["data_position"]
+    for name in saved:
+        assert torch.equal(saved[name], portable[name]), name
+
+    out = tmp_path / "resumed"
+    micro = GLOBAL_BATCH // 2
+    args = train_args(data, out, ds_config(tmp_path, stage, micro, 2 // ranks)) + ["--resume", str(converted)]
+    proc = launch(ranks, args)
+    assert "resumed from converted checkpoint" in proc.stdout + proc.stderr
+    assert "step      7/10" in proc.stdout and "step      6/10" not in proc.stdout
+    assert_close_per_tensor(exported(runs["zero0-1rank"]), exported(out), f"{source} -> {ranks} rank(s)")

@@ -1,0 +1,110 @@
+"""The momentum (EMA) update of the key towers, wherever the parameters live.
+
+    key = m * key + (1 - m) * online        for every (online, key) parameter pair
+
+ZeRO-0/1/2: whole tensors on every rank. ZeRO-3: each rank updates only its own partition of each key
+parameter (``ds_tensor``) from its own partition of the online parameter's fp32 master (held by the
+optimizer): no communication. Two ZeRO-3 details:
+
+- Parameters small enough to stay whole (``stage3_param_persistence_threshold``) are used from their
+  whole copy, which an edit of ``ds_tensor`` does not reach: after the update they are re-gathered
+  from their partitions, exactly as DeepSpeed re-gathers the online ones after every optimizer step.
+- With bf16/fp16 weights an EMA step of (1 - m) = 1e-3 is below the weight's resolution and rounds
+  away, so each key partition has an fp32 master that carries the EMA; the weight is its rounding.
+
+A frozen online parameter (BriVL-1.0's frozen backbone blocks) has no optimizer master; its own
+partition is the source. ``update(0.0)`` copies online into key, which is how the key towers start.
+"""
+
+import torch
+
+
+def zero3_partition(whole: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """This rank's ZeRO-3 partition of a whole tensor, shaped and placed like ``local`` (its flat
+    partition): rank r holds [r * P, (r + 1) * P) of the flattened tensor, zero-padded at the end."""
+    import torch.distributed as dist
+
+    flat = whole.reshape(-1).float()
+    start = dist.get_rank() * local.numel()
+    part = torch.zeros(local.numel())
+    piece = flat[start:start + local.numel()]
+    part[:piece.numel()] = piece
+    return part.to(local.device)
+
+
+def _is_zero3(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")
+
+
+class MomentumEMA:
+    """fp32 EMA of key parameters from online parameters, partition-local under ZeRO-3."""
+
+    def __init__(self, named_pairs: list[tuple[str, torch.nn.Parameter, torch.nn.Parameter]]):
+        """named_pairs: (key parameter name, online parameter, key parameter), in a fixed order."""
+        self.names = [name for name, _, _ in named_pairs]
+        self.pairs = [(online, key) for _, online, key in named_pairs]
+        self.zero3 = bool(self.pairs) and _is_zero3(self.pairs[0][1])
+        # fp32 masters only where the key weights are low precision; fp32 weights are their own master.
+        self.masters = [self._local(key).detach().float().clone() if self._local(key).dtype != torch.float32 else None
+                        for _, key in self.pairs]
+        self.persistent = [key for _, key in self.pairs if getattr(key, "ds_persist", False)]
+
+    def _local(self, param: torch.Tensor) -> torch.Tensor:
+        """This rank's storage of a parameter: its ZeRO-3 partition (flat), else the whole tensor."""
+        return param.ds_tensor if self.zero3 else param.data
+
+    def _online_fp32(self, online: torch.nn.Parameter) -> torch.Tensor:
+        """This rank's part of the online parameter, from the fp32 master when the optimizer has one."""
+        if self.zero3 and online.requires_grad:
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            return safe_get_local_fp32_param(online)  # (partition numel,), fp32
+        # ZeRO-0/1/2 keep the fp32 master partitioned by flat ranges that cut through tensors; reading it
+        # whole would need a gather per step, so the EMA reads the (whole) working copy of the weight.
+        return self._local(online)
+
+    @torch.no_grad()
+    def update(self, m: float) -> None:
+        for (online, key), master in zip(self.pairs, self.masters):
+            source = self._online_fp32(online).view(-1)
+            target = self._local(key).view(-1)
+            if m == 0.0:  # a copy: the key may be uninitialised memory, and NaN * 0 is NaN
+                (master if master is not None else target).view(-1).copy_(source)
+            elif master is None:
+                target.mul_(m).add_(source.to(target.dtype), alpha=1.0 - m)
+            else:
+                master.view(-1).mul_(m).add_(source.float(), alpha=1.0 - m)
+            if master is not None:
+                target.copy_(master.view(-1))
+        self._regather_persistent()
+
+    def _regather_persistent(self) -> None:
+        """Whole copies are what forward reads: drop them and re-gather them from the updated partitions
+        (weights only, no gradient; the same all-gather DeepSpeed runs for online persistent params)."""
+        if self.persistent:
+            self.persistent[0].partition(self.persistent)
+            self.persistent[0].all_gather(self.persistent)
+
+    @torch.no_grad()
+    def load_whole(self, weights: dict[str, torch.Tensor]) -> None:
+        """Key weights and fp32 masters from whole fp32 tensors (a converted checkpoint), each rank
+        taking its own partition under ZeRO-3."""
+        for name, (_, key), master in zip(self.names, self.pairs, self.masters):
+            local = self._local(key).view(-1)
+            part = zero3_partition(weights[name], local) if self.zero3 else weights[name].reshape(-1).float()
+            local.copy_(part.to(local.dtype))
+            if master is not None:
+                master.view(-1).copy_(part)
+        self._regather_persistent()
+
+    def state_dict(self) -> dict:
+        """This rank's fp32 masters (ZeRO-3: its partitions; else whole tensors), by key parameter name."""
+        return {name: master.cpu() for name, master in zip(self.names, self.masters) if master is not None}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        for name, master in zip(self.names, self.masters):
+            if master is not None:
+                if name not in state:
+                    raise KeyError(f"checkpoint has no fp32 momentum master for {name}")
+                master.copy_(state[name].view_as(master))

@@ -1,0 +1,165 @@
+"""Convert a checkpoint so that training resumes on another number of ranks (or another ZeRO stage).
+
+    python -m wenlan.parallel.reshard --checkpoint OLD/checkpoints[/stepNNNNNNNN] --out NEW/checkpoints
+
+then start the run with ``--resume NEW/checkpoints`` (and the same ``--data-streams``, which is kept
+by default). The output is one world-size-free tag holding every tensor whole in ``portable.pt``:
+
+- the fp32 value of every parameter: online ones from the optimizer's masters, momentum ones from
+  their fp32 masters (DeepSpeed 0.19's universal checkpoint keeps trainable parameters only, so it
+  would drop the momentum towers, and it does not read ZeRO-0 checkpoints);
+- Adam's ``exp_avg`` / ``exp_avg_sq`` per trainable parameter and the step count;
+- the LR schedule, the queues (global), and the run state with the data position of every stream.
+
+Per-rank RNG states do not carry over to another world size: a resharded run reseeds them from
+(seed, rank, step), so runs with dropout continue with a fresh stream of masks.
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from wenlan.parallel import checkpoint as ckpt
+from wenlan.parallel.momentum import zero3_partition
+
+PORTABLE = "portable.pt"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _trainable_names(config: dict) -> list[str]:
+    """Names of the trainable parameters in the optimizer's order, from the run's config (built on the
+    meta device, so nothing is allocated)."""
+    from wenlan.config import model_config_from_dict, objective_config_from_dict
+    from wenlan.losses.objective import ContrastivePretraining
+    from wenlan.models.brivl import BriVL
+    from wenlan.parallel.engine import param_groups
+
+    objective = objective_config_from_dict(config["objective"])
+    with torch.device("meta"):
+        module = ContrastivePretraining(BriVL(model_config_from_dict(config["model"]),
+                                              momentum=objective.name == "brivl"), objective)
+    names = {id(p): n for n, p in module.named_parameters()}
+    return [names[id(p)] for group in param_groups(module, 0.0) for p in group["params"]]
+
+
+def _optimizer_state(tag_dir: Path, stage: int, config: dict) -> tuple[dict, int]:
+    """({"exp_avg": {name: whole tensor}, "exp_avg_sq": {...}}, Adam step) from any ZeRO stage."""
+    if stage == 0:
+        saved = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["optimizer"]
+        order = _trainable_names(config)
+        index = [i for group in saved["param_groups"] for i in group["params"]]
+        states = {key: {order[k]: saved["state"][i][key] for k, i in enumerate(index)} for key in MOMENTS}
+        return states, int(saved["state"][index[0]]["step"])
+
+    from deepspeed.utils import zero_to_fp32 as z
+
+    # ZeRO keeps each moment as flat per-rank partitions laid out exactly like the fp32 master, so the
+    # same reassembly that rebuilds the weights rebuilds the moments.
+    model_states = z.parse_model_states(z.get_model_state_files(str(tag_dir)))
+    optim = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+             for f in z.get_optim_files(str(tag_dir))]
+    world = len(optim)
+    states = {}
+    if stage <= 2:
+        inner = [o["base_optimizer_state"]["state"] for o in optim]
+        paddings = optim[0].get("param_alignment_paddings")
+        for key in MOMENTS:
+            flats = [[s[g][key] for g in sorted(s)] for s in inner]
+            states[key] = z._get_fp32_state_dict_from_zero2_checkpoint(world, flats, model_states, True, paddings)
+    else:
+        inner = [o["optimizer_state_dict"]["state"] for o in optim]
+        for key in MOMENTS:
+            flats = [[s[g][key] for g in sorted(s)] for s in inner]
+            states[key] = z._get_fp32_state_dict_from_zero3_checkpoint(world, flats, model_states, True)
+    step = int(next(iter(inner[0].values()))["step"])
+    names = set(_trainable_names(config))  # the reassembly also returns buffers: keep the parameters
+    # (ZeRO-3's reassembly is lazy: contiguous() materialises each tensor)
+    return {key: {n: t.contiguous() for n, t in states[key].items() if n in names} for key in MOMENTS}, step
+
+
+def reshard(checkpoint: Path, out: Path) -> Path:
+    """Write the portable tag for ``checkpoint`` under the checkpoints dir ``out``; returns its path."""
+    tag_dir = ckpt.tag_dir_of(checkpoint)
+    weights, run_state = ckpt.read_consolidated(tag_dir)
+    info = ckpt.read_complete(tag_dir)
+    moments, adam_step = _optimizer_state(tag_dir, info["zero_stage"], run_state["config"])
+    model_file = "zero_pp_rank_0_mp_rank_00_model_states.pt" if info["zero_stage"] == 3 else "mp_rank_00_model_states.pt"
+    engine_state = torch.load(tag_dir / model_file, map_location="cpu", weights_only=False)
+    queues = {k[len("queues."):]: v for k, v in weights.items() if k.startswith("queues.")}
+    portable = dict(
+        weights={k: v for k, v in weights.items() if not k.startswith("queues.")},
+        moments=moments, adam_step=adam_step, lr_scheduler=engine_state["lr_scheduler"],
+        engine_counters={k: engine_state[k] for k in ("global_steps", "global_samples", "skipped_steps")},
+        queues=dict(image=queues["image"], text=queues["text"], ids=queues["ids"], ptr=int(queues["ptr"]),
+                    filled=int(queues["filled"]), size=queues["image"].shape[0], shard=0, num_shards=1)
+        if queues else None,
+        run_state=run_state)
+    target = Path(out) / tag_dir.name
+    target.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_torch_save(portable, target / PORTABLE)
+    ckpt.write_json(target / ckpt.COMPLETE, {"step": run_state["step"], "world_size": None, "format": "portable",
+                                             "zero_stage": None, "data_streams": info.get("data_streams"),
+                                             "converted_from": {"world_size": info["world_size"],
+                                                                "zero_stage": info["zero_stage"]}})
+    ckpt.write_text(Path(out) / "latest", tag_dir.name)
+    return target
+
+
+@torch.no_grad()
+def load_portable(engine, module, ema, portable: dict) -> dict:
+    """Finish a resume from a portable tag on an engine built from its weights (``build_module(cfg,
+    weights)``): fp32 masters, Adam moments and step, LR schedule, momentum masters, queues. Returns
+    the run state."""
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    weights, moments = portable["weights"], portable["moments"]
+    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    zero3 = any(hasattr(p, "ds_id") for _, p in trainable)
+    zero12 = any(hasattr(p, "_hp_mapping") for _, p in trainable)
+    optimizer = engine.optimizer.optimizer if zero3 or zero12 else engine.optimizer  # the torch optimizer
+    # Adam creates its state at the first step; create it now. ZeRO-3 hands its flat fp32 partitions to
+    # the torch optimizer only inside step(), so they are not in param_groups here.
+    flats = (engine.optimizer.fp32_partitioned_groups_flat if zero3
+             else [p for group in optimizer.param_groups for p in group["params"]])
+    for flat in flats:
+        for key in MOMENTS:
+            optimizer.state[flat].setdefault(key, torch.zeros_like(flat))
+    for name, p in trainable:
+        if zero3:  # each rank writes its own partition (views into the optimizer's flat tensors)
+            safe_get_local_fp32_param(p).copy_(zero3_partition(weights[name], p.ds_tensor))
+            for key in MOMENTS:
+                safe_get_local_optimizer_state(p, key).copy_(zero3_partition(moments[key][name], p.ds_tensor))
+        elif zero12:  # DeepSpeed maps the whole tensor onto this rank's fragment
+            safe_set_full_fp32_param(p, weights[name].to(p.device))
+            for key in MOMENTS:
+                safe_set_full_optimizer_state(p, moments[key][name].to(p.device), key)
+        else:
+            optimizer.state[p] = {key: moments[key][name].to(p.device).clone() for key in MOMENTS}
+    for state in optimizer.state.values():
+        state["step"] = torch.tensor(float(portable["adam_step"]))
+    engine.lr_scheduler.load_state_dict(portable["lr_scheduler"])
+    # LambdaLR restores its position but sets the groups' LR only at its next step: set it now.
+    for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+        group["lr"] = lr
+    for key, value in portable["engine_counters"].items():
+        setattr(engine, key, value)
+    if ema is not None:
+        ema.load_whole(weights)
+    if module.queues is not None:
+        module.queues.load_state(portable["queues"])
+    return portable["run_state"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Convert a checkpoint to resume on another number of ranks.")
+    parser.add_argument("--checkpoint", required=True, help="DIR/checkpoints (newest complete tag) or one tag dir")
+    parser.add_argument("--out", required=True, help="a checkpoints directory to write the converted tag into")
+    args = parser.parse_args()
+    target = reshard(Path(args.checkpoint), Path(args.out))
+    print(f"wrote {target}: resume with --resume {Path(args.out)} on any number of ranks")
+
+
+if __name__ == "__main__":
+    main()
