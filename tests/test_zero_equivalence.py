@@ -154,10 +154,11 @@ def test_kill9_at_random_steps_then_resume_auto_is_bitwise_equal(runs, data, tmp
         assert torch.equal(resumed[name], ref), f"{name} differs after kills at steps {kill_points}"
 
 
-@pytest.mark.parametrize("source, ranks, stage", [("zero3-2rank", 1, 0), ("zero0-1rank", 2, 3)])
+@pytest.mark.parametrize("source, ranks, stage", [("zero3-2rank", 1, 1), ("zero1-2rank", 1, 0), ("zero0-1rank", 2, 3)])
 def test_reshard_then_resume_on_another_world_size(runs, data, tmp_path, source, ranks, stage):
-    """2 ranks -> convert -> 1 rank, and 1 -> 2: the converted checkpoint holds the saved momentum towers,
-    queues and weights, and the resumed run ends where the uninterrupted reference ends."""
+    """2 ranks -> convert -> 1 rank, and 1 -> 2, across ZeRO stages: the converted checkpoint holds the
+    saved momentum towers, queues and weights, and the resumed run ends where the uninterrupted reference
+    ends."""
     from wenlan.parallel.checkpoint import read_consolidated
     from wenlan.parallel.reshard import reshard
 

@@ -121,8 +121,12 @@ def load_portable(engine, module, ema, portable: dict) -> dict:
     optimizer = engine.optimizer.optimizer if zero3 or zero12 else engine.optimizer  # the torch optimizer
     # Adam creates its state at the first step; create it now. ZeRO-3 hands its flat fp32 partitions to
     # the torch optimizer only inside step(), so they are not in param_groups here.
-    flats = (engine.optimizer.fp32_partitioned_groups_flat if zero3
-             else [p for group in optimizer.param_groups for p in group["params"]])
+    if zero3:
+        flats = engine.optimizer.fp32_partitioned_groups_flat
+    elif zero12:
+        flats = engine.optimizer.single_partition_of_fp32_groups
+    else:
+        flats = [p for group in optimizer.param_groups for p in group["params"]]
     for flat in flats:
         for key in MOMENTS:
             optimizer.state[flat].setdefault(key, torch.zeros_like(flat))
@@ -132,6 +136,10 @@ def load_portable(engine, module, ema, portable: dict) -> dict:
             for key in MOMENTS:
                 safe_get_local_optimizer_state(p, key).copy_(zero3_partition(moments[key][name], p.ds_tensor))
         elif zero12:  # DeepSpeed maps the whole tensor onto this rank's fragment
+            mapping = p._hp_mapping
+            if mapping.optim_fragment is None:  # linked only once Adam has state: link it to the new state
+                flat = flats[mapping.param_group_index]
+                mapping.set_optim_state_fragment(flat, optimizer.state[flat])
             safe_set_full_fp32_param(p, weights[name].to(p.device))
             for key in MOMENTS:
                 safe_set_full_optimizer_state(p, moments[key][name].to(p.device), key)
