@@ -20,14 +20,17 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 
 from wenlan.losses.objective import ContrastivePretraining, ObjectiveConfig, caption_ids  # noqa: E402
-from wenlan.models import BriVL, get_preset, momentum_update  # noqa: E402
+from wenlan.models import BriVL, get_preset  # noqa: E402
+from wenlan.parallel.momentum import MomentumEMA  # noqa: E402
 
 
 def build(seed: int) -> ContrastivePretraining:
     torch.manual_seed(seed)
     model = BriVL(get_preset("tiny"))
-    momentum_update(model, 0.0)
-    return ContrastivePretraining(model, ObjectiveConfig(queue_size=4096))
+    module = ContrastivePretraining(model, ObjectiveConfig(queue_size=4096))
+    module.ema = MomentumEMA(list(model.named_momentum_pairs()))  # a plain attribute: not part of the state
+    module.ema.update(0.0)
+    return module
 
 
 def batches(n: int, batch: int):
@@ -43,7 +46,7 @@ def train_step(forward, backward, step, module, batch):
     loss, _, keys = forward(*batch)
     backward(loss)
     step()
-    momentum_update(module.model, 0.99)
+    module.ema.update(0.99)
     module.queues.enqueue(*keys)
 
 

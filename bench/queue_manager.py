@@ -84,11 +84,12 @@ def full_queue(mode: str, rank: int, E: int) -> KeyQueues:
 
 
 def step_share(rank: int, n: int, out: list) -> None:
-    from wenlan.models import BriVL, get_preset, momentum_update
+    from wenlan.models import BriVL, get_preset
+    from wenlan.parallel.momentum import MomentumEMA
 
     torch.manual_seed(0)
     model = BriVL(get_preset("tiny"))
-    momentum_update(model, 0.0)
+    MomentumEMA(list(model.named_momentum_pairs())).update(0.0)  # key towers start as copies
     E = model.cfg.embed_dim
     g = torch.Generator().manual_seed(rank)
     input_ids = torch.randint(5, 70, (MICRO, 32), generator=g)

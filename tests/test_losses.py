@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from wenlan.losses.infonce import batch_exclusion, clip_loss, exclusion_mask, info_nce, queue_logsumexp
 from wenlan.losses.objective import ContrastivePretraining, ObjectiveConfig, caption_ids, queue_objective
 from wenlan.losses.queue import KeyQueues, consolidate, shard
-from wenlan.models import BriVL, get_preset, momentum_update
+from wenlan.models import BriVL, get_preset
+from wenlan.parallel.momentum import MomentumEMA
 
 E = 8
 
@@ -205,17 +206,21 @@ def test_module_without_process_group_holds_the_whole_queue():
 
 
 def test_momentum_update_equals_ema_formula():
+    """Whole tensors (no ZeRO-3); the partitioned path is tested on real engines in
+    test_momentum_partitioned.py."""
     torch.manual_seed(0)
     model = BriVL(get_preset("tiny"))
-    momentum_update(model, 0.0)  # initial copy
-    for online, key in model.online_momentum_pairs():
+    pairs = list(model.named_momentum_pairs())
+    ema = MomentumEMA(pairs)
+    ema.update(0.0)  # initial copy
+    for _, online, key in pairs:
         assert torch.equal(online, key) and not key.requires_grad
     with torch.no_grad():
         for p in list(model.image_tower.parameters()) + list(model.text_tower.parameters()):
             p.add_(torch.randn_like(p))
-    before = [(o.detach().clone(), k.detach().clone()) for o, k in model.online_momentum_pairs()]
-    momentum_update(model, 0.9)
-    for (online, key_before), (_, key) in zip(before, model.online_momentum_pairs()):
+    before = [(o.detach().clone(), k.detach().clone()) for _, o, k in pairs]
+    ema.update(0.9)
+    for (online, key_before), (_, _, key) in zip(before, pairs):
         torch.testing.assert_close(key, 0.9 * key_before + 0.1 * online, rtol=0, atol=1e-6)
 
 

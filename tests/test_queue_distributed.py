@@ -156,11 +156,12 @@ def contrastive_pretraining_module(rank, world):
     building the towers costs more than every other check, and the loss itself is covered at 4."""
     if world != 2:
         return
-    from wenlan.models import BriVL, get_preset, momentum_update
+    from wenlan.models import BriVL, get_preset
+    from wenlan.parallel.momentum import MomentumEMA
 
     torch.manual_seed(0)
     model = BriVL(get_preset("tiny"))
-    momentum_update(model, 0.0)
+    MomentumEMA(list(model.named_momentum_pairs())).update(0.0)  # key towers start as copies
     modules = {mode: ContrastivePretraining(model, ObjectiveConfig(queue_size=8 * world, queue_mode=mode))
                for mode in ("replicated", "sharded")}
     assert (modules["sharded"].queues.shard, modules["sharded"].queues.num_shards) == (rank, world)

@@ -40,11 +40,6 @@ class BriVL(nn.Module):
         state.update({f"text_tower.{k}": v for k, v in self.text_tower.pretrained_state().items()})
         return state
 
-    def online_momentum_pairs(self):
-        """(online, momentum) parameter pairs, in a fixed order."""
-        for _, online, key in self.named_momentum_pairs():
-            yield online, key
-
     def named_momentum_pairs(self):
         """(momentum parameter name, online parameter, momentum parameter), in a fixed order, for the EMA."""
         for prefix, online, key in (("momentum_image_tower.", self.image_tower, self.momentum_image_tower),
@@ -69,12 +64,3 @@ class BriVL(nn.Module):
             txt_k = self.momentum_text_tower(input_ids, attention_mask)  # (B, E)
         return img_q, txt_q, img_k, txt_k
 
-
-@torch.no_grad()
-def momentum_update(model: BriVL, m: float) -> None:
-    """key = m * key + (1 - m) * online, whole tensors (plain and ZeRO-0/1/2 engines).
-
-    ``m=0`` copies the online weights, which is how the momentum towers are initialised.
-    """
-    for online, key in model.online_momentum_pairs():
-        key.mul_(m).add_(online.detach().to(key.dtype), alpha=1.0 - m)
