@@ -358,7 +358,6 @@ def test_shards_decode_with_webdataset_and_the_eval_loader(dataset, reference, t
 
 
 def test_manifest_formats_read_the_same_rows(tmp_path):
-    pytest.importorskip("pyarrow")
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -91,7 +91,7 @@ def run(cfg: TrainConfig) -> dict:
     from wenlan.parallel import checkpoint as ckpt
     from wenlan.parallel.engine import build_engine, build_module, zero_stage
     from wenlan.parallel.momentum import MomentumEMA
-    from wenlan.parallel.reshard import PORTABLE, load_portable
+    from wenlan.parallel.reshard import load_portable
     from wenlan.tracking import Tracker
 
     deepspeed.init_distributed()
@@ -112,7 +112,7 @@ def run(cfg: TrainConfig) -> dict:
     where = ckpt.resolve_resume(cfg.resume, checkpoint_dir)
     portable = None
     if ckpt.is_portable(where):  # converted by wenlan.parallel.reshard: whole tensors, any world size
-        portable = torch.load(Path(where[0]) / where[1] / PORTABLE, map_location="cpu", weights_only=False)
+        portable = torch.load(Path(where[0]) / where[1] / ckpt.PORTABLE, map_location="cpu", weights_only=False)
     # The same seed on every rank: identical initial weights everywhere.
     seed_everything(cfg.seed)
     module = build_module(cfg, portable["weights"] if portable else None)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 STATE_KEY = "wenlan"  # the client_state entry holding the run state
 COMPLETE = "complete.json"
+PORTABLE = "portable.pt"  # the whole-tensor file of a tag written by wenlan.parallel.reshard
 TAG = re.compile(r"^step(\d{8})$")
 
 
@@ -134,8 +135,8 @@ def load(engine, where: tuple[Path, str]) -> tuple[dict, dict]:
     path, client_state = engine.load_checkpoint(str(directory), tag=tag)
     if path is None:
         raise RuntimeError(f"could not load checkpoint {tag} from {directory}")
-    rank_state = torch.load(rank_file(Path(directory) / tag, dist.get_rank()), map_location="cpu",
-                            weights_only=False)
+    own = rank_file(Path(directory) / tag, dist.get_rank())
+    rank_state = torch.load(own, map_location="cpu", weights_only=False)
     shared = [k for k, v in rank_state.items() if v is None]
     if shared:  # state equal on every rank is written once, by rank 0
         rank0 = torch.load(rank_file(Path(directory) / tag, 0), map_location="cpu", weights_only=False)
@@ -160,6 +161,27 @@ def _whole(parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return torch.cat([p.reshape(-1) for p in parts])[: like.numel()].view(like.shape)
 
 
+def model_states_file(tag_dir: Path, stage: int) -> Path:
+    """DeepSpeed's file with the module, LR schedule and client state (rank 0's under ZeRO-3)."""
+    return Path(tag_dir) / ("zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt")
+
+
+def queue_entries(queue: dict) -> dict[str, torch.Tensor]:
+    """A global queue state as the ``queues.*`` tensors of a consolidated state dict."""
+    entries = {f"queues.{k}": queue[k] for k in ("image", "text", "ids")}
+    entries.update({f"queues.{k}": torch.tensor([queue[k]]) for k in ("ptr", "filled")})
+    return entries
+
+
+def queue_from_entries(state: dict[str, torch.Tensor]) -> dict | None:
+    """The inverse of ``queue_entries``: a global queue state (``num_shards=1``), or None if there is none."""
+    if "queues.image" not in state:
+        return None
+    image = state["queues.image"]
+    return dict(image=image, text=state["queues.text"], ids=state["queues.ids"], ptr=int(state["queues.ptr"]),
+                filled=int(state["queues.filled"]), size=image.shape[0], shard=0, num_shards=1)
+
+
 def read_consolidated(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Whole fp32 tensors of every parameter and buffer of the trained module (momentum weights from
     their fp32 masters, queues under ``queues.``), plus the run state, from a checkpoint of any ZeRO
@@ -169,16 +191,13 @@ def read_consolidated(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
     tag_dir = tag_dir_of(checkpoint)
     info = read_complete(tag_dir)
     if info.get("format") == "portable":
-        portable = torch.load(tag_dir / "portable.pt", map_location="cpu", weights_only=False)
+        portable = torch.load(tag_dir / PORTABLE, map_location="cpu", weights_only=False)
         state = dict(portable["weights"])
         if portable["queues"] is not None:
-            queue = portable["queues"]
-            state.update({f"queues.{k}": queue[k] for k in ("image", "text", "ids")})
-            state.update({f"queues.{k}": torch.tensor([queue[k]]) for k in ("ptr", "filled")})
+            state.update(queue_entries(portable["queues"]))
         return state, portable["run_state"]
     stage, world = info["zero_stage"], info["world_size"]
-    model_file = "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt"
-    model_states = torch.load(tag_dir / model_file, map_location="cpu", weights_only=False)
+    model_states = torch.load(model_states_file(tag_dir, stage), map_location="cpu", weights_only=False)
     run_state = model_states[STATE_KEY]
     module = dict(model_states["module"])
     if stage > 0:
@@ -197,9 +216,7 @@ def read_consolidated(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
         state[name] = _whole(parts, state[name]).float()
     queues = [rs["queues"] for rs in rank_states if rs.get("queues") is not None]
     if queues:
-        queue = consolidate(queues)
-        state.update({f"queues.{k}": queue[k] for k in ("image", "text", "ids")})
-        state.update({f"queues.{k}": torch.tensor([queue[k]]) for k in ("ptr", "filled")})
+        state.update(queue_entries(consolidate(queues)))
     return state, run_state
 
 

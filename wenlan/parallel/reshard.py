@@ -23,7 +23,6 @@ import torch
 from wenlan.parallel import checkpoint as ckpt
 from wenlan.parallel.momentum import zero3_partition
 
-PORTABLE = "portable.pt"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -46,7 +45,7 @@ def _trainable_names(config: dict) -> list[str]:
 def _optimizer_state(tag_dir: Path, stage: int, config: dict) -> tuple[dict, int]:
     """({"exp_avg": {name: whole tensor}, "exp_avg_sq": {...}}, Adam step) from any ZeRO stage."""
     if stage == 0:
-        saved = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["optimizer"]
+        saved = torch.load(ckpt.model_states_file(tag_dir, 0), map_location="cpu", weights_only=False)["optimizer"]
         order = _trainable_names(config)
         index = [i for group in saved["param_groups"] for i in group["params"]]
         states = {key: {order[k]: saved["state"][i][key] for k, i in enumerate(index)} for key in MOMENTS}
@@ -84,20 +83,16 @@ def reshard(checkpoint: Path, out: Path) -> Path:
     weights, run_state = ckpt.read_consolidated(tag_dir)
     info = ckpt.read_complete(tag_dir)
     moments, adam_step = _optimizer_state(tag_dir, info["zero_stage"], run_state["config"])
-    model_file = "zero_pp_rank_0_mp_rank_00_model_states.pt" if info["zero_stage"] == 3 else "mp_rank_00_model_states.pt"
-    engine_state = torch.load(tag_dir / model_file, map_location="cpu", weights_only=False)
-    queues = {k[len("queues."):]: v for k, v in weights.items() if k.startswith("queues.")}
+    engine_state = torch.load(ckpt.model_states_file(tag_dir, info["zero_stage"]), map_location="cpu", weights_only=False)
     portable = dict(
         weights={k: v for k, v in weights.items() if not k.startswith("queues.")},
         moments=moments, adam_step=adam_step, lr_scheduler=engine_state["lr_scheduler"],
         engine_counters={k: engine_state[k] for k in ("global_steps", "global_samples", "skipped_steps")},
-        queues=dict(image=queues["image"], text=queues["text"], ids=queues["ids"], ptr=int(queues["ptr"]),
-                    filled=int(queues["filled"]), size=queues["image"].shape[0], shard=0, num_shards=1)
-        if queues else None,
+        queues=ckpt.queue_from_entries(weights),
         run_state=run_state)
     target = Path(out) / tag_dir.name
     target.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_torch_save(portable, target / PORTABLE)
+    ckpt.atomic_torch_save(portable, target / ckpt.PORTABLE)
     ckpt.write_json(target / ckpt.COMPLETE, {"step": run_state["step"], "world_size": None, "format": "portable",
                                              "zero_stage": None, "data_streams": info.get("data_streams"),
                                              "converted_from": {"world_size": info["world_size"],
