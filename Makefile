@@ -37,6 +37,7 @@ bench: setup
 	DS_ACCELERATOR=cpu $(PY) bench/engine_overhead.py
 	DS_ACCELERATOR=cpu $(PY) bench/queue_manager.py
 	DS_ACCELERATOR=cpu $(PY) bench/data_throughput.py
+	DS_ACCELERATOR=cpu $(PY) bench/pipeline_bubble.py
 
 presets: setup
 	$(PY) -m wenlan.models.presets

@@ -67,9 +67,9 @@ def main() -> None:
                       RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     import deepspeed
 
-    from wenlan.parallel.engine import param_groups
+    from wenlan.parallel.engine import init_distributed, param_groups
 
-    deepspeed.init_distributed()
+    init_distributed()
     data = batches(args.steps, args.batch)
     lr = dict(lr=1e-4, betas=(0.9, 0.98), eps=1e-6)
 

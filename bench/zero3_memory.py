@@ -30,17 +30,16 @@ def model_config():
 
 
 def measure(out_file: str) -> None:
-    import deepspeed
     import torch
     import torch.distributed as dist
 
     from wenlan.config import BatchConfig, TrainConfig
     from wenlan.losses.objective import ObjectiveConfig
     from wenlan.models.presets import count_parameters
-    from wenlan.parallel.engine import build_engine, build_module
+    from wenlan.parallel.engine import build_engine, build_module, init_distributed
     from wenlan.parallel.momentum import MomentumEMA
 
-    deepspeed.init_distributed()
+    init_distributed()
     world = dist.get_world_size()
     ds = json.loads((ROOT / "ds_configs" / "cpu_tiny_zero3.json").read_text())
     ds["train_micro_batch_size_per_gpu"] = 4

@@ -1,10 +1,13 @@
 """Shared by the tests that launch real DeepSpeed runs on CPU."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
@@ -31,3 +34,48 @@ def launch(ranks: int, args: list[str], timeout: int = 600) -> subprocess.Comple
     if proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
     return proc
+
+
+def assert_close_per_tensor(reference: dict, other: dict, what: str) -> None:
+    """Relative error < 1e-5 per tensor, integers exact. BERT's attention key bias adds the same amount
+    to all of a query's logits, which softmax ignores: its true gradient is exactly zero and it holds
+    only rounding noise (~1e-9), so an absolute floor of 1e-7 per element applies to it, as to any
+    tensor that small."""
+    assert set(reference) == set(other)
+    for name, ref in reference.items():
+        if ref.is_floating_point():
+            error = (other[name] - ref).norm().item()
+            bound = 1e-5 * ref.norm().item() + 1e-7 * ref.numel() ** 0.5
+            assert error <= bound, f"{what}: {name} error {error:.2e} > {bound:.2e} (norm {ref.norm().item():.2e})"
+        else:
+            assert torch.equal(other[name], ref), f"{what}: {name} differs"
+
+
+def exported(out: Path) -> dict[str, torch.Tensor]:
+    path = out.parent / f"{out.name}.safetensors"
+    from wenlan.export import export
+
+    export(out / "checkpoints", path, full=True)
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def run_until_killed(args: list[str], kill_at: int, ranks: int = 2) -> None:
+    """Start a run on ``ranks`` processes and SIGKILL every process of it as soon as rank 0 logs step ``kill_at``."""
+    cmd = [DEEPSPEED, "--num_accelerators", str(ranks), "--master_port", str(free_port()), str(ROOT / "wenlan" / "train.py"),
+           *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    marker, seen = f"step {kill_at:>6}/", []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if marker in line:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+        else:
+            raise AssertionError(f"run ended before step {kill_at}:\n{''.join(seen)[-4000:]}")
+    finally:
+        proc.wait(timeout=60)
+        proc.stdout.close()

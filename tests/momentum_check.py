@@ -13,7 +13,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from wenlan.config import resolve  # noqa: E402
-from wenlan.parallel.engine import build_engine, build_module  # noqa: E402
+from wenlan.parallel.engine import build_engine, build_module, init_distributed  # noqa: E402
 from wenlan.parallel.momentum import MomentumEMA  # noqa: E402
 from wenlan.train import parse_args  # noqa: E402
 
@@ -87,7 +87,7 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", required=True, help="LABEL=ds_config.json")
     p.add_argument("--local_rank", type=int, default=-1)
     args = p.parse_args()
-    deepspeed.init_distributed()
+    init_distributed()
     data = Path(args.data)
     argv = ["--preset", "tiny", "--tokenizer", str(data / "tokenizer"), "--train-shards",
             str(data / "train-{000000..000003}.tar"), "--val-shards", str(data / "val-000000.tar"),

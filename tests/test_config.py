@@ -51,7 +51,14 @@ def test_valid_config_resolves(tiny_data, tmp_path, monkeypatch):
     ({"--max-steps": "0"}, "--max-steps must be >= 1"),
     ({"--momentum": "1.5"}, "objective.momentum=1.5 must be in [0, 1)"),
     ({"ds": {"train_batch_size": 30, "train_micro_batch_size_per_gpu": 8}},
-     "train_batch_size=30 != train_micro_batch_size_per_gpu=8 x gradient_accumulation_steps=1 x world size 2"),
+     "train_batch_size=30 != train_micro_batch_size_per_gpu=8 x gradient_accumulation_steps=1 x data-parallel size 2"),
+    ({"ds": {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 3}, "pipeline": {"stages": 2}}},
+     "pipeline.stages=2 with zero_optimization.stage=3: DeepSpeed's pipeline engine supports ZeRO-0/1 only"),
+    ({"ds": {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 1}, "pipeline": {"stages": 3}}},
+     "pipeline.stages=3 does not divide the 2 ranks; launch a multiple of 3 processes"),
+    # 2 ranks in 2 stages leave one data-parallel rank: the batch arithmetic counts that one.
+    ({"ds": {"train_batch_size": 12, "train_micro_batch_size_per_gpu": 8, "pipeline": {"stages": 2}}},
+     "train_batch_size=12 != train_micro_batch_size_per_gpu=8 x gradient_accumulation_steps=1 x data-parallel size 1"),
     ({"--data-streams": "4"}, "2 shard(s) for DataConfig.streams=4: every stream needs at least one shard"),
     ({"--data-streams": "3"}, "DataConfig.streams=3 is not a multiple of the world size 2"),
     ({"ds": {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 4}}},
@@ -83,3 +90,21 @@ def test_shipped_deepspeed_configs_resolve(tiny_data, tmp_path, monkeypatch, con
     args = args_for(tiny_data, tmp_path, **{"--deepspeed_config": str(ROOT / "ds_configs" / config), "--preset": preset})
     cfg = resolve(args)
     assert cfg.batch.global_batch == 2 * cfg.deepspeed_config["train_micro_batch_size_per_gpu"]
+
+
+def test_pipeline_with_more_stages_than_layers_fails_before_launch(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "64")
+    ds = {"ds": {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 1}, "pipeline": {"stages": 64}}}
+    with pytest.raises(ValueError, match="pipeline.stages=64: the model has 18 pipeline layers"):
+        resolve(args_for(tiny_data, tmp_path, **ds))
+
+
+@pytest.mark.parametrize("config, preset, world, stages", [("cpu_tiny_pipe.json", "tiny", 2, 2),
+                                                           ("pipe_10b.json", "10b", 16, 8)])
+def test_shipped_pipeline_configs_resolve(tiny_data, tmp_path, monkeypatch, config, preset, world, stages):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    args = args_for(tiny_data, tmp_path, **{"--deepspeed_config": str(ROOT / "ds_configs" / config), "--preset": preset})
+    cfg = resolve(args)
+    ds = cfg.deepspeed_config
+    assert cfg.batch.pipeline_stages == stages and cfg.batch.world_size == world // stages
+    assert cfg.batch.global_batch == (world // stages) * ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]

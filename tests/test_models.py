@@ -118,3 +118,37 @@ def test_pretrained_weights_load_from_local_files(tmp_path):
     wrong = dataclasses.replace(cfg.image, backbone="resnet10t", backbone_kwargs={})
     with pytest.raises(ValueError, match="does not fit backbone"):
         load_pretrained(BriVL(dataclasses.replace(cfg, image=wrong), momentum=False))
+
+
+@pytest.mark.parametrize("backbone, kwargs", [("test_efficientnet_gn", dict(output_stride=16)),
+                                              ("vit_base_patch16_224", dict(embed_dim=64, depth=2, num_heads=2))])
+def test_blocks_in_order_compute_the_forward(backbone, kwargs):
+    """The pipeline cuts a tower between its blocks(): run in order they must be the tower's forward,
+    and together they must own every parameter of the tower exactly once."""
+    import dataclasses
+
+    tiny = get_preset("tiny")
+    image = dataclasses.replace(tiny.image, backbone=backbone, backbone_kwargs=kwargs, dim=64, heads=2)
+    torch.manual_seed(0)
+    model = BriVL(dataclasses.replace(tiny, image=image), momentum=False).eval()
+    images = torch.randn(2, 3, 64, 64)
+    input_ids = torch.randint(5, 2000, (2, tiny.text.max_len))
+    mask = torch.ones_like(input_ids)
+    mask[0, 10:] = 0
+    x = images
+    for block in model.image_tower.blocks():
+        x = block.run(x)
+    assert torch.equal(x, model.image_tower(images))
+    x = None
+    for block in model.text_tower.blocks():
+        x = block.run(x, input_ids, mask)
+    assert torch.allclose(x, model.text_tower(input_ids, mask), atol=1e-6)
+    for tower in (model.image_tower, model.text_tower):
+        names = []
+        for block in tower.blocks():
+            for path in block.owns:
+                parent, _, attr = path.rpartition(".")
+                obj = getattr(tower.get_submodule(parent) if parent else tower, attr)
+                names += [path] if isinstance(obj, torch.nn.Parameter) else \
+                    [f"{path}.{n}" for n, _ in obj.named_parameters()]
+        assert sorted(names) == sorted(n for n, _ in tower.named_parameters())

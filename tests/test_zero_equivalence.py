@@ -12,16 +12,13 @@ world size and ZeRO stage and ends where the reference ends.
 import json
 import os
 import random
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from data_tools.make_demo_data import write_demo_shards
-from tests.helpers import DEEPSPEED, ROOT, cpu_env, free_port, launch
-from wenlan.export import export
+from tests.helpers import ROOT, assert_close_per_tensor, exported, launch, run_until_killed
 
 STEPS = 10
 GLOBAL_BATCH = 32
@@ -59,29 +56,6 @@ def train_args(data: Path, out: Path, ds: str) -> list[str]:
             "--mlflow-uri", f"sqlite:///{out.parent / 'mlflow.db'}"]
 
 
-def assert_close_per_tensor(reference: dict, other: dict, what: str) -> None:
-    """Relative error < 1e-5 per tensor, integers exact. BERT's attention key bias adds the same amount
-    to all of a query's logits, which softmax ignores: its true gradient is exactly zero and it holds
-    only rounding noise (~1e-9), so an absolute floor of 1e-7 per element applies to it, as to any
-    tensor that small."""
-    assert set(reference) == set(other)
-    for name, ref in reference.items():
-        if ref.is_floating_point():
-            error = (other[name] - ref).norm().item()
-            bound = 1e-5 * ref.norm().item() + 1e-7 * ref.numel() ** 0.5
-            assert error <= bound, f"{what}: {name} error {error:.2e} > {bound:.2e} (norm {ref.norm().item():.2e})"
-        else:
-            assert torch.equal(other[name], ref), f"{what}: {name} differs"
-
-
-def exported(out: Path) -> dict[str, torch.Tensor]:
-    path = out.parent / f"{out.name}.safetensors"
-    export(out / "checkpoints", path, full=True)
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("equiv")
@@ -116,26 +90,6 @@ def test_zero3_partitions_the_momentum_towers(runs):
     name = "model.momentum_text_tower.bert.encoder.layer.0.intermediate.dense.weight"  # 256 x 128, partitioned
     shapes = [s["frozen_param_fragments"][name].numel() for s in states]
     assert shapes == [256 * 128 // 2] * 2
-
-
-def run_until_killed(args: list[str], kill_at: int) -> None:
-    """Start a 2-rank run and SIGKILL every process of it as soon as rank 0 logs step ``kill_at``."""
-    cmd = [DEEPSPEED, "--num_accelerators", "2", "--master_port", str(free_port()), str(ROOT / "wenlan" / "train.py"),
-           *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    marker, seen = f"step {kill_at:>6}/", []
-    try:
-        for line in proc.stdout:
-            seen.append(line)
-            if marker in line:
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-        else:
-            raise AssertionError(f"run ended before step {kill_at}:\n{''.join(seen)[-4000:]}")
-    finally:
-        proc.wait(timeout=60)
-        proc.stdout.close()
 
 
 def test_kill9_at_random_steps_then_resume_auto_is_bitwise_equal(runs, data, tmp_path):

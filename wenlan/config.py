@@ -32,6 +32,8 @@ class BatchConfig:
     micro_batch: int
     grad_accum: int
     world_size: int
+    """Data-parallel ranks (all ranks, or ranks per pipeline stage)."""
+    pipeline_stages: int = 1
 
     @property
     def global_batch(self) -> int:
@@ -109,14 +111,35 @@ def batch_from_deepspeed(ds: dict, world_size: int) -> BatchConfig:
         micro, rem = divmod(total, accum * world_size)
         if rem or micro == 0:
             raise ValueError(f"DeepSpeed config: train_batch_size={total} is not divisible by "
-                             f"gradient_accumulation_steps={accum} x world size {world_size}")
+                             f"gradient_accumulation_steps={accum} x data-parallel size {world_size}")
     elif accum is None:
         accum = 1 if total is None else total // (micro * world_size)
     if total is not None and total != micro * accum * world_size:
         raise ValueError(f"DeepSpeed config: train_batch_size={total} != train_micro_batch_size_per_gpu={micro} x "
-                         f"gradient_accumulation_steps={accum} x world size {world_size}; fix one of them "
+                         f"gradient_accumulation_steps={accum} x data-parallel size {world_size}; fix one of them "
                          "or drop train_batch_size")
     return BatchConfig(micro_batch=micro, grad_accum=accum, world_size=world_size)
+
+
+def check_pipeline(ds: dict, zero_stage: int, world_size: int) -> int:
+    """``pipeline.stages`` of a DeepSpeed config, checked against ZeRO and the world size."""
+    from wenlan.parallel.pipeline import pipeline_stages
+
+    try:
+        stages = pipeline_stages(ds)
+    except (TypeError, ValueError):
+        raise ValueError(f"DeepSpeed config: pipeline.stages={ds['pipeline'].get('stages')!r} is not a number of "
+                         "stages; use an integer >= 1") from None
+    if stages < 1:
+        raise ValueError(f"DeepSpeed config: pipeline.stages={stages} must be >= 1")
+    if stages > 1 and zero_stage > 1:
+        raise ValueError(f"DeepSpeed config: pipeline.stages={stages} with zero_optimization.stage={zero_stage}: "
+                         "DeepSpeed's pipeline engine supports ZeRO-0/1 only; use stage 1, or drop the pipeline "
+                         "section and use ZeRO-3 (ds_configs/zero3_10b.json)")
+    if world_size % stages:
+        raise ValueError(f"DeepSpeed config: pipeline.stages={stages} does not divide the {world_size} ranks; "
+                         f"launch a multiple of {stages} processes")
+    return stages
 
 
 def _check_shards(flag: str, shards: list[str]) -> None:
@@ -153,7 +176,14 @@ def resolve(args) -> TrainConfig:
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"DeepSpeed config: zero_optimization.stage={stage} is not a ZeRO stage; use 0, 1, 2 or 3")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    stages = check_pipeline(ds, stage, world_size)
+    if stages > 1:
+        from wenlan.parallel.pipeline import check_stages
+
+        check_stages(model, objective, stages)
+    world_size //= stages  # data-parallel ranks: each pipeline holds one model replica
     batch = batch_from_deepspeed(ds, world_size)
+    batch.pipeline_stages = stages
     if objective.name == "brivl":
         objective.validate_batch(batch.global_batch, world_size)
     if not (Path(args.tokenizer) / "tokenizer_config.json").is_file():

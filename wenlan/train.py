@@ -64,23 +64,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_replicated(queues, step: int) -> None:
-    """Replicated queues must be identical on every rank; compare a fingerprint (two all-reduces of one
-    number, no gradient) and stop loudly if they diverged, rather than train on inconsistent negatives."""
+def check_replicated(queues, step: int, group=None) -> None:
+    """Replicated queues must be identical on every rank of ``group``; compare a fingerprint (two
+    all-reduces of one number, no gradient) and stop loudly if they diverged, rather than train on
+    inconsistent negatives."""
     import torch.distributed as dist
 
     fingerprint = (queues.image.double().sum() + 3 * queues.text.double().sum()
                    + (queues.ids % 1000003).double().sum() + queues.ptr + queues.filled).reshape(1)
     low, high = fingerprint.clone(), fingerprint.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
     if low.item() != high.item():
         raise RuntimeError(f"step {step}: the replicated negative queues differ between ranks "
                            f"(fingerprints {low.item()!r} .. {high.item()!r})")
 
 
 def run(cfg: TrainConfig) -> dict:
-    import deepspeed
     import torch.distributed as dist
 
     from wenlan.data.pipeline import DataConfig, make_train_loader, merge_positions
@@ -89,12 +89,13 @@ def run(cfg: TrainConfig) -> dict:
     from wenlan.losses.objective import caption_ids
     from wenlan.losses.queue import KeyGather
     from wenlan.parallel import checkpoint as ckpt
-    from wenlan.parallel.engine import build_engine, build_module, zero_stage
+    from wenlan.parallel.engine import build_engine, build_module, init_distributed, zero_stage
     from wenlan.parallel.momentum import MomentumEMA
+    from wenlan.parallel.pipeline import build_pipeline, evaluate_pipeline, micro_batches
     from wenlan.parallel.reshard import load_portable
     from wenlan.tracking import Tracker
 
-    deepspeed.init_distributed()
+    init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     is_main = rank == 0
     zero3 = zero_stage(cfg.deepspeed_config) == 3
@@ -111,24 +112,40 @@ def run(cfg: TrainConfig) -> dict:
 
     where = ckpt.resolve_resume(cfg.resume, checkpoint_dir)
     portable = None
+    stages = cfg.batch.pipeline_stages
     if ckpt.is_portable(where):  # converted by wenlan.parallel.reshard: whole tensors, any world size
+        if stages > 1:
+            raise ValueError(f"--resume {where[0]}/{where[1]}: a converted checkpoint cannot be loaded into a "
+                             "pipeline; resume it with a ZeRO config (no pipeline section)")
         portable = torch.load(Path(where[0]) / where[1] / ckpt.PORTABLE, map_location="cpu", weights_only=False)
     # The same seed on every rank: identical initial weights everywhere.
     seed_everything(cfg.seed)
-    module = build_module(cfg, portable["weights"] if portable else None)
-    model = module.model
-    engine = build_engine(module, cfg)
+    pipe_stage, dp_rank, dp_group = 0, rank, None
+    if stages > 1:
+        # Pipeline: this rank holds one stage's layers; the queues and loss live on the last stage.
+        pipe, objective, pairs, (pipe_stage, dp_rank, dp_group) = build_pipeline(cfg, stages)
+        engine = build_engine(pipe, cfg)
+        queues = objective.queues if objective is not None else None
+    else:
+        module = build_module(cfg, portable["weights"] if portable else None)
+        engine = build_engine(module, cfg)
+        queues = module.queues
+        pairs = [("model." + name, p, q) for name, p, q in module.model.named_momentum_pairs()] \
+            if module.model.momentum_image_tower is not None else []
+    last_stage = pipe_stage == stages - 1
+    reads_data = pipe_stage in (0, stages - 1)  # DeepSpeed feeds inputs to the first stage, labels to the last
+    dp_world = cfg.batch.world_size
     # The queues hold keys in fp32 whatever the weights' dtype (zero.Init creates bf16 tensors in bf16 runs).
-    if module.queues is not None:
-        module.queues.float()
+    if queues is not None:
+        queues.float()
     ema = None
-    if model.momentum_image_tower is not None:
-        ema = MomentumEMA([("model." + name, p, q) for name, p, q in model.named_momentum_pairs()])
+    if pairs:
+        ema = MomentumEMA(pairs)
         ema.update(0.0)  # momentum towers start as copies of the online towers
     gather = KeyGather()
     device = engine.device
     # bf16 configs cast the module's weights; images must follow (token ids stay integers).
-    image_dtype = next(module.model.image_tower.parameters()).dtype
+    image_dtype = next(engine.module.parameters()).dtype
 
     step, samples_seen, restarts, data_position = 0, 0, 0, None
     seed_everything(cfg.seed * 100003 + rank * 1009)  # dropout etc. differ between ranks
@@ -138,12 +155,12 @@ def run(cfg: TrainConfig) -> dict:
         # per-rank RNG states do not carry over to another world size: reseed them by the step
         seed_everything(cfg.seed * 100003 + rank * 1009 + state["step"])
     elif where is not None:
-        state, rank_state = ckpt.load(engine, where)
+        state, rank_state = ckpt.load(engine, where, stages)
         ckpt.restore_rng(rank_state["rng"])
         if ema is not None:
             ema.load_state_dict(rank_state["momentum_masters"])
-        if module.queues is not None:
-            module.queues.load_state(rank_state["queues"])
+        if queues is not None:
+            queues.load_state(rank_state["queues"])
     if state is not None:
         step, samples_seen, restarts = state["step"], state["samples_seen"], state.get("restarts", 0) + 1
         data_position = state.get("data_position")  # older checkpoints: the streams start over
@@ -156,35 +173,41 @@ def run(cfg: TrainConfig) -> dict:
                           color_augment=cfg.color_augment, streams=cfg.data_streams)
     # Each step's batch is this rank's contiguous slice of the global batch, the same samples at any
     # world size; a resumed run continues at the exact position the checkpoint recorded.
-    batches = iter(make_train_loader(data_cfg, tokenizer, rank=rank, world_size=world,
-                                     global_batch=cfg.batch.global_batch, position=data_position))
+    batches = iter(make_train_loader(data_cfg, tokenizer, rank=dp_rank, world_size=dp_world,
+                                     global_batch=cfg.batch.global_batch, position=data_position)) \
+        if reads_data else None
 
     tracker = Tracker(is_main, out, cfg.mlflow_uri, cfg.mlflow_experiment, run_name=out.name)
     tracker.log_params(cfg.to_dict())
     tracker.log_metrics({"restarts": restarts}, step=step)
     if is_main:
         tracker.log_dict(cfg.deepspeed_config, "deepspeed_config.json")
-        log.info("preset %s, objective %s, ZeRO-%d, %d ranks, global batch %d, %d steps",
-                 cfg.preset, cfg.objective.name, zero_stage(cfg.deepspeed_config), world,
-                 cfg.batch.global_batch, cfg.max_steps)
+        log.info("preset %s, objective %s, ZeRO-%d, %d ranks (%d pipeline stages x %d data-parallel), global batch "
+                 "%d, %d steps", cfg.preset, cfg.objective.name, zero_stage(cfg.deepspeed_config), world, stages,
+                 dp_world, cfg.batch.global_batch, cfg.max_steps)
 
     def save() -> None:
         positions = [None] * world
-        dist.all_gather_object(positions, data_position)  # a small dict per rank, no gradient
+        dist.all_gather_object(positions, data_position or {})  # a small dict per rank, no gradient
         run_state = dict(step=step, samples_seen=samples_seen, restarts=restarts, config=cfg.to_dict(),
                          zero_stage=zero_stage(cfg.deepspeed_config), world_size=world,
-                         data_position=merge_positions(positions))
-        replicated = module.queues is not None and module.queues.num_shards == 1
-        rank_state = dict(rng=ckpt.capture_rng(),
-                          # ZeRO-3: this rank's partitions; otherwise whole tensors, equal on all ranks.
-                          momentum_masters=(ema.state_dict() if ema else {}) if zero3 or is_main else None,
-                          queues=module.queues.state() if module.queues is not None and (is_main or not replicated)
+                         pipeline_stages=stages, data_position=merge_positions(positions))
+        # State equal on the data-parallel ranks of a stage is written by the stage's first rank only.
+        writes_shared = zero3 or dp_rank == 0
+        replicated = queues is not None and queues.num_shards == 1
+        rank_state = dict(rng=ckpt.capture_rng(), shared_from=rank - dp_rank,
+                          # ZeRO-3: this rank's partitions; otherwise whole tensors of this rank's layers.
+                          momentum_masters=(ema.state_dict() if ema else {}) if writes_shared else None,
+                          queues=queues.state() if queues is not None and (writes_shared or not replicated)
                           else None)
         ckpt.save(engine, checkpoint_dir, step, run_state, rank_state)
 
     def run_eval() -> dict:
-        metrics = evaluate(module.model, cfg.val_shards, tokenizer, cfg.model.image.image_size,
-                           cfg.model.text.max_len)
+        if stages > 1:
+            metrics = evaluate_pipeline(engine, cfg, tokenizer, image_dtype)
+        else:
+            metrics = evaluate(module.model, cfg.val_shards, tokenizer, cfg.model.image.image_size,
+                               cfg.model.text.max_len)
         if is_main:
             ckpt.write_json(out / "eval.json", metrics)
             print(f"[eval step {step}]\n{format_table(metrics)}", flush=True)
@@ -198,11 +221,24 @@ def run(cfg: TrainConfig) -> dict:
     micro = cfg.batch.micro_batch
     while step < cfg.max_steps:
         t0 = time.perf_counter()
-        batch = next(batches)  # this rank's share of the step: grad_accum micro-batches
+        batch = next(batches) if reads_data else None  # this rank's share of the step: grad_accum micro-batches
         window["data"] += time.perf_counter() - t0
-        window["skipped"] += sum(batch["skipped"].values())
+        if pipe_stage == 0:  # the last stage reads the same samples: count them once
+            window["skipped"] += sum(batch["skipped"].values())
         use_queue = step >= cfg.objective.queue_warmup_steps
-        for i in range(cfg.batch.grad_accum):
+        if stages > 1:
+            if objective is not None:
+                objective.use_queue = use_queue
+            loss = engine.train_batch(micro_batches(batch, micro, image_dtype, device) if reads_data else None)
+            window["loss"] += loss.item() * cfg.batch.grad_accum  # the mean over the step's micro-batches
+            window["n"] += cfg.batch.grad_accum
+            if objective is not None:
+                window["acc"] += sum(float(s["acc_i2t"]) for s in objective.stats)
+                stats = dict(temperature=objective.stats[-1]["temperature"])
+                objective.stats.clear()
+                if cfg.objective.name == "brivl":
+                    objective.gather.launch()
+        for i in range(cfg.batch.grad_accum if stages == 1 else 0):
             part = slice(i * micro, (i + 1) * micro)
             images = batch["images"][part].to(device, image_dtype)
             input_ids, mask = batch["input_ids"][part].to(device), batch["attention_mask"][part].to(device)
@@ -220,21 +256,26 @@ def run(cfg: TrainConfig) -> dict:
         window["samples"] += cfg.batch.global_batch
         step += 1
         samples_seen += cfg.batch.global_batch
-        data_position = batch["position"]
+        data_position = batch["position"] if reads_data else None
         if ema is not None:
             ema.update(cfg.objective.momentum_at(step, cfg.max_steps))
-            module.queues.enqueue(*gather.wait())  # after the optimizer step: the loss graph used the old queue
+        if queues is not None:  # after the optimizer step: the loss graph used the old queue
+            queues.enqueue(*(objective.gather if stages > 1 else gather).wait())
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            skipped = torch.tensor(window["skipped"], device=device)
-            dist.all_reduce(skipped)  # a count, no gradient
-            if module.queues is not None and module.queues.num_shards == 1:
-                check_replicated(module.queues, step)
+            # Counts and the last stage's accuracy and temperature to every rank (no gradient).
+            totals = torch.tensor([window["skipped"], window["acc"] if last_stage else 0.0,
+                                   float(stats["temperature"]) if last_stage else 0.0, float(last_stage)],
+                                  dtype=torch.float64, device=device)
+            dist.all_reduce(totals)
+            if queues is not None and queues.num_shards == 1:
+                check_replicated(queues, step, dp_group)
             elapsed = time.perf_counter() - window["time"]
-            logged = dict(loss=window["loss"] / window["n"], acc_i2t=window["acc"] / window["n"],
-                          lr=engine.get_lr()[0], temperature=float(stats["temperature"]),
+            last_ranks = totals[3].item()
+            logged = dict(loss=window["loss"] / window["n"], acc_i2t=totals[1].item() / last_ranks / window["n"],
+                          lr=engine.get_lr()[0], temperature=totals[2].item() / last_ranks,
                           samples_per_s=window["samples"] / elapsed, data_wait=window["data"] / elapsed,
-                          skipped_samples=int(skipped))
+                          skipped_samples=int(totals[0].item()))
             if is_main:
                 print(f"step {step:>6}/{cfg.max_steps}  loss {logged['loss']:.4f}  acc {logged['acc_i2t']:.3f}  "
                       f"lr {logged['lr']:.2e}  T {logged['temperature']:.4f}  "

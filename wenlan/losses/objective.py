@@ -117,11 +117,13 @@ class ContrastivePretraining(nn.Module):
     queue shard ``rank`` of ``world size`` when a process group is initialised, the whole queue when not.
     """
 
-    def __init__(self, model: "BriVL", cfg: ObjectiveConfig, group=None):
+    def __init__(self, model: "BriVL | None", cfg: ObjectiveConfig, group=None, embed_dim: int | None = None):
+        """``model=None`` (with ``embed_dim``): the objective alone, for a pipeline's last stage."""
         super().__init__()
         self.cfg = cfg
         self.model = model
         self.group = group
+        embed_dim = model.cfg.embed_dim if model is not None else embed_dim
         self.log_scale = nn.Parameter(torch.full((1,), math.log(1.0 / cfg.temperature)),
                                       requires_grad=cfg.learnable_temperature)
         self.queues = None
@@ -129,7 +131,7 @@ class ContrastivePretraining(nn.Module):
             shard, num_shards = 0, 1
             if cfg.queue_mode == "sharded" and dist.is_available() and dist.is_initialized():
                 shard, num_shards = dist.get_rank(group), dist.get_world_size(group)
-            self.queues = KeyQueues(cfg.queue_size, model.cfg.embed_dim, shard, num_shards)
+            self.queues = KeyQueues(cfg.queue_size, embed_dim, shard, num_shards)
 
     def scale(self) -> torch.Tensor:
         return self.log_scale.clamp(max=math.log(1.0 / self.cfg.min_temperature)).exp()
@@ -138,11 +140,14 @@ class ContrastivePretraining(nn.Module):
         """Returns (loss, stats, keys); ``keys`` = (image_keys, text_keys, ids) of this rank's batch, for
         ``KeyGather.add`` (None for clip). The queues change only after the step's last backward: the
         loss graph still reads them."""
+        embeddings = self.model(images, input_ids, attention_mask, with_keys=self.cfg.name == "brivl")
+        return self.objective(*embeddings, ids, use_queue)
+
+    def objective(self, img_q, txt_q, img_k, txt_k, ids, use_queue: bool = True):
+        """The loss of this rank's queries (B, E) and keys (B, E; None for clip): (loss, stats, keys)."""
         if self.cfg.name == "clip":
-            img, txt, _, _ = self.model(images, input_ids, attention_mask, with_keys=False)  # 2 x (B, E)
-            loss, stats = clip_objective(img, txt, self.scale(), self.group)
+            loss, stats = clip_objective(img_q, txt_q, self.scale(), self.group)
             return loss, stats, None
-        img_q, txt_q, img_k, txt_k = self.model(images, input_ids, attention_mask)  # 4 x (B, E)
         loss, stats = queue_objective(img_q, txt_q, img_k, txt_k, ids, self.queues, self.scale(), self.cfg,
                                       use_queue, self.group)
         return loss, stats, (img_k, txt_k, ids)

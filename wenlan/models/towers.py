@@ -3,11 +3,15 @@
 image: backbone -> region pooling -> self-attention layers -> masked mean -> MLP head -> L2 norm
 text:  BERT encoder -> self-attention layers -> masked mean -> MLP head -> L2 norm
 
+``blocks()`` lists the same forward as a sequence of ``Block``s (the third-party backbone and BERT
+written out stage by stage); a pipeline expresses the model as those blocks.
+
 Parameters are only touched inside ``forward`` (under ZeRO-3 they are partitioned everywhere else).
 ``__init__`` only builds the architecture; ``pretrained_state()`` returns the pretrained weights to
 load afterwards (module by module with gathered parameters under ZeRO-3).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import timm
@@ -71,6 +75,17 @@ class TextTowerConfig:
     norm_first: bool = True
     l2_tokens: bool = True
     """BriVL L2-normalises token features before the attention layers (their width is BERT's hidden)."""
+
+
+@dataclass(frozen=True)
+class Block:
+    """A contiguous piece of a tower's forward: the modules and parameters it reads (dotted names inside
+    the tower) and how to run it. Image blocks run ``run(x)``, text blocks ``run(x, input_ids,
+    attention_mask)`` (x is None for the first). A tower's ``blocks()`` in order compute its forward;
+    a pipeline cuts the model between blocks."""
+
+    owns: tuple[str, ...]
+    run: Callable[..., torch.Tensor]
 
 
 def grid_boxes(grid: int) -> torch.Tensor:
@@ -139,13 +154,36 @@ class ImageBackbone(nn.Module):
                              f"{type(self.net).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
         return {"net." + k: v for k, v in state.items()}
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.net.forward_features(images)
+    def _to_map(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:  # ViT: (B, prefix + h*w, D) -> (B, D, h, w)
             tokens = x[:, self.prefix_tokens:]
             side = int(tokens.shape[1] ** 0.5)
             x = tokens.transpose(1, 2).reshape(x.shape[0], -1, side, side)
         return x  # (B, C, h, w)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._to_map(self.net.forward_features(images))
+
+    def blocks(self) -> list[Block]:
+        """``forward`` as stem, each stage of ``net.blocks``, final layers: timm's EfficientNet and ViT
+        ``forward_features`` written out (no masks, no gradient checkpointing). Any other backbone is
+        one block."""
+        net = self.net
+        if hasattr(net, "conv_stem") and hasattr(net, "conv_head"):  # EfficientNet family
+            stem, head = (lambda x: net.bn1(net.conv_stem(x))), (lambda x: net.bn2(net.conv_head(x)))
+            final = ("net.conv_head", "net.bn2")
+        elif hasattr(net, "patch_embed") and hasattr(net, "_pos_embed"):  # VisionTransformer
+            stem = lambda x: net.norm_pre(net.patch_drop(net._pos_embed(net.patch_embed(x))))  # noqa: E731
+            head, final = (lambda x: net.norm(x)), ("net.norm",)
+        else:
+            return [Block(("net",), self.forward)]
+        # The stem owns everything of the backbone that is neither a block nor a final layer (for a ViT
+        # that includes the position embedding and class token, parameters of ``net`` itself).
+        stem_owns = tuple(f"net.{n}" for n, _ in [*net.named_children(), *net.named_parameters(recurse=False)]
+                          if n != "blocks" and f"net.{n}" not in final)
+        return [Block(stem_owns, stem),
+                *[Block((f"net.blocks.{i}",), stage) for i, stage in enumerate(net.blocks)],
+                Block(final, lambda x: self._to_map(head(x)))]
 
 
 class ImageTower(nn.Module):
@@ -161,16 +199,33 @@ class ImageTower(nn.Module):
             SelfAttentionLayer(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.dropout, cfg.norm_first) for _ in range(cfg.layers))
         self.head = ProjectionHead(cfg.dim, embed_dim, embed_dim)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        regions = self.region_pool(self.backbone(images))  # (B, R, dim)
+    def _regions(self, fmap: torch.Tensor) -> torch.Tensor:
+        regions = self.region_pool(fmap)  # (B, R, dim)
         if self.l2_regions:
             regions = F.normalize(regions, dim=-1)
         if self.region_position is not None:
             regions = regions + self.region_position  # (B, R, dim) + (R, dim)
-        for layer in self.encoder:
-            regions = layer(regions)
+        return regions
+
+    def _embed(self, regions: torch.Tensor) -> torch.Tensor:
         pooled = regions.mean(1)  # every region is valid: the masked mean with an all-ones mask
         return F.normalize(self.head(pooled), dim=-1)  # (B, E)
+
+    def _own_blocks(self) -> list[Block]:
+        """Everything after the backbone: region pooling, each attention layer, the head."""
+        pool_owns = ("region_pool", "region_position") if self.region_position is not None else ("region_pool",)
+        return [Block(pool_owns, self._regions),
+                *[Block((f"encoder.{i}",), layer) for i, layer in enumerate(self.encoder)],
+                Block(("head",), self._embed)]
+
+    def blocks(self) -> list[Block]:
+        return [Block(tuple(f"backbone.{o}" for o in b.owns), b.run) for b in self.backbone.blocks()] + self._own_blocks()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.backbone(images)  # (B, C, h, w)
+        for block in self._own_blocks():
+            x = block.run(x)
+        return x  # (B, E)
 
 
 class TextTower(nn.Module):
@@ -206,13 +261,48 @@ class TextTower(nn.Module):
         pretrained = transformers.AutoModel.from_pretrained(self.pretrained_path, add_pooling_layer=False)
         return {"bert." + k: v for k, v in pretrained.state_dict().items()}
 
+    def _bert_blocks(self) -> list[Block]:
+        """BERT's forward written out: embeddings, then each layer with the padding mask BertModel builds."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        bert = self.bert
+        if not (hasattr(bert, "embeddings") and hasattr(getattr(bert, "encoder", None), "layer")):
+            raise ValueError(f"text encoder {type(bert).__name__} is not BERT-shaped (embeddings + encoder.layer); "
+                             "it cannot be split into pipeline blocks")
+
+        def layer_block(layer):
+            def run(x, input_ids, attention_mask):
+                mask = create_bidirectional_mask(config=bert.config, inputs_embeds=x, attention_mask=attention_mask)
+                return layer(x, mask)
+            return run
+
+        return [Block(("bert.embeddings",), lambda x, input_ids, attention_mask: bert.embeddings(input_ids=input_ids)),
+                *[Block((f"bert.encoder.layer.{i}",), layer_block(layer)) for i, layer in enumerate(bert.encoder.layer)]]
+
+    def _own_blocks(self) -> list[Block]:
+        """Everything after BERT: each attention layer (the first also L2-normalises BERT's tokens), head."""
+        def layer_block(layer, first: bool):
+            def run(tokens, input_ids, attention_mask):
+                if first and self.l2_tokens:
+                    tokens = F.normalize(tokens, dim=-1)
+                return layer(tokens, key_padding_mask=attention_mask == 0)  # (B, L, H)
+            return run
+
+        def embed(tokens, input_ids, attention_mask):
+            if not self.encoder and self.l2_tokens:
+                tokens = F.normalize(tokens, dim=-1)
+            return F.normalize(self.head(masked_mean(tokens, attention_mask)), dim=-1)  # (B, E)
+
+        return [*[Block((f"encoder.{i}",), layer_block(layer, i == 0)) for i, layer in enumerate(self.encoder)],
+                Block(("head",), embed)]
+
+    def blocks(self) -> list[Block]:
+        return self._bert_blocks() + self._own_blocks()
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # BriVL-1.0 gives BERT no attention mask, so padding tokens are attended; here padding is masked
         # in BERT, in the attention layers and in the mean.
         tokens = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
-        if self.l2_tokens:
-            tokens = F.normalize(tokens, dim=-1)
-        padding = attention_mask == 0  # (B, L)
-        for layer in self.encoder:
-            tokens = layer(tokens, key_padding_mask=padding)
-        return F.normalize(self.head(masked_mean(tokens, attention_mask)), dim=-1)  # (B, E)
+        for block in self._own_blocks():
+            tokens = block.run(tokens, input_ids, attention_mask)
+        return tokens  # (B, E)

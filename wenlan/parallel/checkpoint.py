@@ -75,6 +75,7 @@ def save(engine, checkpoint_dir: Path, step: int, run_state: dict, rank_state: d
     if rank == 0:
         write_json(tag_dir / COMPLETE, {"step": step, "world_size": dist.get_world_size(),
                                         "zero_stage": run_state["zero_stage"],
+                                        "pipeline_stages": run_state.get("pipeline_stages", 1),
                                         "data_streams": run_state["config"]["data_streams"]})
         write_text(Path(checkpoint_dir) / "latest", tag_for(step))
     dist.barrier()
@@ -121,12 +122,16 @@ def is_portable(where: tuple[Path, str] | None) -> bool:
     return where is not None and read_complete(Path(where[0]) / where[1]).get("format") == "portable"
 
 
-def load(engine, where: tuple[Path, str]) -> tuple[dict, dict]:
+def load(engine, where: tuple[Path, str], pipeline_stages: int = 1) -> tuple[dict, dict]:
     """Restore the engine (weights, frozen momentum partitions, optimizer, LR schedule) and return
     (run state, this rank's extra state)."""
     directory, tag = where
     info = read_complete(Path(directory) / tag)
     world = dist.get_world_size()
+    if info.get("pipeline_stages", 1) != pipeline_stages:
+        raise ValueError(f"checkpoint {directory}/{tag} was written by {info.get('pipeline_stages', 1)} pipeline "
+                         f"stage(s), this run has {pipeline_stages}: resume with the DeepSpeed config it was "
+                         "trained with")
     if info["world_size"] != world:
         raise ValueError(
             f"checkpoint {directory}/{tag} was written by {info['world_size']} ranks, this run has {world}. "
@@ -138,9 +143,10 @@ def load(engine, where: tuple[Path, str]) -> tuple[dict, dict]:
     own = rank_file(Path(directory) / tag, dist.get_rank())
     rank_state = torch.load(own, map_location="cpu", weights_only=False)
     shared = [k for k, v in rank_state.items() if v is None]
-    if shared:  # state equal on every rank is written once, by rank 0
-        rank0 = torch.load(rank_file(Path(directory) / tag, 0), map_location="cpu", weights_only=False)
-        rank_state.update({k: rank0[k] for k in shared})
+    if shared:  # state equal on the ranks of a stage is written once, by the stage's first rank
+        source = torch.load(rank_file(Path(directory) / tag, rank_state.get("shared_from", 0)), map_location="cpu",
+                            weights_only=False)
+        rank_state.update({k: source[k] for k in shared})
     return client_state[STATE_KEY], rank_state
 
 
@@ -199,8 +205,18 @@ def read_consolidated(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
     stage, world = info["zero_stage"], info["world_size"]
     model_states = torch.load(model_states_file(tag_dir, stage), map_location="cpu", weights_only=False)
     run_state = model_states[STATE_KEY]
-    module = dict(model_states["module"])
-    if stage > 0:
+    if info.get("pipeline_stages", 1) > 1:
+        # One file per pipeline layer (written by each stage's first data-parallel rank); its keys map
+        # back to the plain module's names. ZeRO-1's fp32 masters are not read: fp32 runs only.
+        from wenlan.parallel.pipeline import plain_name
+
+        module = {}
+        for layer_file in sorted(tag_dir.glob("layer_*-model_states.pt")):
+            layer = torch.load(layer_file, map_location="cpu", weights_only=False)
+            module.update({plain_name(k): v for k, v in layer.items()})
+    else:
+        module = dict(model_states["module"])
+    if stage > 0 and info.get("pipeline_stages", 1) == 1:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # The optimizer partitions hold the fp32 master of every trainable parameter and the model files
@@ -211,9 +227,14 @@ def read_consolidated(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
     state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
 
     rank_states = [torch.load(rank_file(tag_dir, r), map_location="cpu", weights_only=False) for r in range(world)]
-    for name, master in rank_states[0].get("momentum_masters", {}).items():
-        parts = [rs["momentum_masters"][name] for rs in rank_states] if stage == 3 else [master]
-        state[name] = _whole(parts, state[name]).float()
+    # Whole masters are written by each stage's first rank (one stage without a pipeline); ZeRO-3 partitions
+    # by every rank.
+    masters = {}
+    for rs in rank_states:
+        for name, master in (rs.get("momentum_masters") or {}).items():
+            masters.setdefault(name, []).append(master)
+    for name, parts in masters.items():
+        state[name] = _whole(parts if stage == 3 else parts[:1], state[name]).float()
     queues = [rs["queues"] for rs in rank_states if rs.get("queues") is not None]
     if queues:
         state.update(queue_entries(consolidate(queues)))

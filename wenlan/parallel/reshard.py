@@ -82,6 +82,10 @@ def reshard(checkpoint: Path, out: Path) -> Path:
     tag_dir = ckpt.tag_dir_of(checkpoint)
     weights, run_state = ckpt.read_consolidated(tag_dir)
     info = ckpt.read_complete(tag_dir)
+    if info.get("pipeline_stages", 1) > 1:
+        raise ValueError(f"{tag_dir} is a pipeline checkpoint ({info['pipeline_stages']} stages): converting those "
+                         "is not supported; resume it with the same pipeline layout, or export its weights "
+                         "(python -m wenlan.export --full) to start a new run")
     moments, adam_step = _optimizer_state(tag_dir, info["zero_stage"], run_state["config"])
     engine_state = torch.load(ckpt.model_states_file(tag_dir, info["zero_stage"]), map_location="cpu", weights_only=False)
     portable = dict(

@@ -1,0 +1,326 @@
+"""Pipeline parallelism: BriVL as a DeepSpeed ``PipelineModule`` (pipeline x data parallel, ZeRO-0/1).
+
+The model is not rewritten for the pipeline: a BriVL is built from the same presets as for the other
+engines (its parameters on the meta device, so no rank holds the whole model), and each tower's
+``blocks()`` become pipeline layers in order: image stem, image blocks, region pooling, image attention
+layers, image head, text embeddings, BERT layers, text attention layers, text head, then the objective.
+DeepSpeed's partitioner balances the layers over the stages by trainable parameters; each rank then
+allocates and initialises only its own stage's layers (``init_module_`` seeds by module name, so the
+weights equal a plain build's).
+
+Each layer holds one block of the online tower AND the same block of its momentum copy, so the EMA
+update stays local to a stage. Between stages a layer's output carries, per modality, one float tensor
+with the online activations (B rows) stacked on the momentum activations (B rows): DeepSpeed gives
+every float tensor it receives ``requires_grad`` and sends a gradient back for each, and a stacked
+tensor gets one (zero on the momentum half) where a separate momentum tensor would have none. Token
+ids and the attention mask are integer tensors and travel without gradients. The layers a modality
+has not reached yet, or has passed, hand its tensors through untouched.
+
+Queues, temperature and loss live on the last stage (``ObjectiveLayer``); their all-gathers run over
+the last stage's data-parallel group only.
+"""
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from wenlan.losses.objective import ContrastivePretraining, caption_ids
+from wenlan.losses.queue import KeyGather
+from wenlan.models.brivl import BriVL
+from wenlan.models.init import init_module_
+
+SEPARATOR = "__"  # a layer registers model.image_tower.head as model__image_tower__head
+
+
+def pipeline_stages(ds_config: dict) -> int:
+    """Pipeline stages asked for by a DeepSpeed config's ``pipeline.stages`` (1: no pipeline)."""
+    stages = ds_config.get("pipeline", {}).get("stages", 1)
+    return 1 if stages in (None, "auto") else int(stages)
+
+
+def plain_name(layer_key: str) -> str:
+    """A pipeline layer's state-dict key -> the tensor's name in the plain engine's module."""
+    head, _, rest = layer_key.partition(".")
+    name = head.replace(SEPARATOR, ".")
+    return f"{name}.{rest}" if rest else name
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory) while their buffers,
+    architecture constants such as BERT's position ids or the region sampling grid, keep their values."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _owner(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent, _, name = path.rpartition(".")
+    return (root.get_submodule(parent) if parent else root), name
+
+
+class TowerLayer(nn.Module):
+    """Block ``index`` of one tower, online and momentum. Activations in and out:
+    image layers  (image (2B|B, ...), input_ids, attention_mask)
+    text layers   (image (2B, E), [text (2B, L, H)], input_ids, attention_mask)
+    where the first layer of a tower reads the raw batch (B rows) and the others the stacked
+    (online; momentum) rows. Without momentum towers (clip) there is no momentum half."""
+
+    def __init__(self, model: BriVL, kind: str, index: int):
+        super().__init__()
+        self.kind, self.index = kind, index
+        self.towers = [("model.", getattr(model, f"{kind}_tower"))]
+        if model.momentum_image_tower is not None:
+            self.towers.append(("model.momentum_", getattr(model, f"momentum_{kind}_tower")))
+        self.blocks = [tower.blocks()[index] for _, tower in self.towers]  # (online, momentum)
+        for prefix, tower in self.towers:
+            for path in self.blocks[0].owns:
+                parent, name = _owner(tower, path)
+                owned = getattr(parent, name)
+                key = f"{prefix}{kind}_tower.{path}".replace(".", SEPARATOR)
+                if isinstance(owned, nn.Parameter):
+                    self.register_parameter(key, owned)
+                else:
+                    self.add_module(key, owned)
+
+    def named_momentum_pairs(self):
+        """(momentum name, online parameter, momentum parameter) of this layer, for the EMA."""
+        if len(self.towers) < 2:
+            return
+        params = dict(self.named_parameters())
+        for key, p in params.items():
+            name = plain_name(key)
+            if name.startswith("model.momentum_"):
+                yield name, params[key.replace(f"model{SEPARATOR}momentum_", f"model{SEPARATOR}", 1)], p
+
+    @torch.no_grad()
+    def materialize(self, device) -> None:
+        """Allocate this layer's parameters (meta until now) on ``device``, NaN-filled so that anything
+        initialisation misses is caught; the towers see the same tensors."""
+        for prefix, tower in self.towers:
+            for path in self.blocks[0].owns:
+                parent, name = _owner(tower, path)
+                owned = getattr(parent, name)
+                modules = [(parent, name)] if isinstance(owned, nn.Parameter) else \
+                    [(m, n) for m in owned.modules() for n in list(m._parameters)]
+                for module, pname in modules:
+                    p = module._parameters[pname]
+                    if p is None or p.device.type != "meta":
+                        continue
+                    new = nn.Parameter(torch.full(p.shape, float("nan"), dtype=p.dtype, device=device),
+                                       requires_grad=p.requires_grad)
+                    module._parameters[pname] = new
+                    if module is parent and isinstance(owned, nn.Parameter):  # registered here too
+                        self._parameters[f"{prefix}{self.kind}_tower.{path}".replace(".", SEPARATOR)] = new
+
+    def forward(self, acts: tuple) -> tuple:
+        if self.kind == "image":
+            x, rest, context = acts[0], acts[1:], ()
+        else:
+            started = len(acts) == 4
+            x = acts[1] if started else None
+            rest, context = (acts[0],), acts[-2:]
+        first = self.index == 0
+        online, momentum = self.blocks[0], self.blocks[1] if len(self.blocks) > 1 else None
+        if momentum is None:
+            out = online.run(x, *context)
+        else:
+            q, k = (x, x) if first else x.chunk(2)  # first block: the raw batch feeds both towers
+            with torch.no_grad():
+                key = momentum.run(k, *context)
+            out = torch.cat([online.run(q, *context), key])  # (2B, ...): online rows, then momentum rows
+        if self.kind == "image":
+            return (out, *rest)
+        return (rest[0], out, *context)
+
+
+class ObjectiveLayer(ContrastivePretraining):
+    """The last layer: temperature and queues. Its forward hands the embeddings through; DeepSpeed calls
+    ``loss`` with them and the micro-batch's caption ids. Keys and stats of the step's micro-batches are
+    kept for the trainer (``gather``, ``stats``)."""
+
+    def __init__(self, cfg, embed_dim: int, group=None):
+        super().__init__(None, cfg, group=group, embed_dim=embed_dim)
+        self.use_queue = True
+        self.gather = KeyGather(group)
+        self.stats = []
+
+    def forward(self, acts: tuple) -> tuple:
+        return acts
+
+    def loss(self, outputs: tuple, ids: torch.Tensor) -> torch.Tensor:
+        image, text = outputs[0], outputs[1]  # (2B, E) each, or (B, E) without momentum towers
+        B = ids.shape[0]
+        keys = (image[B:], text[B:]) if self.cfg.name == "brivl" else (None, None)
+        loss, stats, step_keys = self.objective(image[:B], text[:B], *keys, ids, self.use_queue)
+        if step_keys is not None:
+            self.gather.add(*step_keys)
+        self.stats.append(stats)
+        return loss
+
+
+def data_parallel_groups(stages: int) -> tuple[int, int, object]:
+    """(stage, data-parallel rank, data-parallel group) of this rank in DeepSpeed's pipe x data grid
+    (rank = stage * D + d). Every rank creates every stage's group, in order, as new_group requires."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    dp = world // stages
+    groups = [dist.new_group(list(range(s * dp, (s + 1) * dp))) for s in range(stages)]
+    return rank // dp, rank % dp, groups[rank // dp]
+
+
+def pipeline_layers(model: BriVL, objective: ObjectiveLayer) -> list[nn.Module]:
+    """Every block of the image tower, then of the text tower, then the objective."""
+    return [TowerLayer(model, kind, i) for kind in ("image", "text")
+            for i in range(len(getattr(model, f"{kind}_tower").blocks()))] + [objective]
+
+
+def balanced_parts(layers: list[nn.Module], stages: int) -> list[int]:
+    """Stage boundaries by DeepSpeed's "parameters" method: balanced trainable parameter counts."""
+    from deepspeed.runtime.utils import partition_balanced
+
+    counts = [sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in layers]
+    parts = partition_balanced(weights=counts, num_parts=stages)
+    if any(parts[s] == parts[s + 1] for s in range(stages)):
+        raise ValueError(f"pipeline.stages={stages}: the model has {len(layers)} pipeline layers and some stage "
+                         "would get none of their parameters; use fewer stages")
+    return parts
+
+
+def check_stages(model_cfg, objective_cfg, stages: int) -> list[int]:
+    """The stage boundaries ``build_pipeline`` will use, from a model on the meta device: a layout that
+    cannot work fails here, before any process group starts."""
+    with torch.device("meta"):
+        model = BriVL(model_cfg, momentum=objective_cfg.name == "brivl")
+        objective = ObjectiveLayer(objective_cfg, model_cfg.embed_dim)
+    return balanced_parts(pipeline_layers(model, objective), stages)
+
+
+def build_pipeline(cfg, stages: int):
+    """The pipeline module of ``cfg``'s BriVL over ``stages`` stages, this rank's layers allocated and
+    initialised (seeded like the plain build, then the configured pretrained weights); returns
+    (PipelineModule, this rank's ObjectiveLayer or None, MomentumEMA pairs of this rank's layers)."""
+    from deepspeed.pipe import PipelineModule
+    from transformers.initialization import no_init_weights
+
+    stage, dp_rank, dp_group = data_parallel_groups(stages)
+    with parameters_on_meta(), no_init_weights():
+        model = BriVL(cfg.model, momentum=cfg.objective.name == "brivl")
+    last = stage == stages - 1
+    with contextlib.nullcontext() if last else torch.device("meta"):
+        objective = ObjectiveLayer(cfg.objective, cfg.model.embed_dim, group=dp_group if last else None)
+    layers = pipeline_layers(model, objective)
+    parts = balanced_parts(layers, stages)
+    local = layers[parts[stage]:parts[stage + 1]]
+    device = torch.device("cpu")
+    for layer in local:
+        if isinstance(layer, TowerLayer):
+            layer.materialize(device)
+            _init_layer(layer, cfg.seed)
+    _copy_pretrained(model, local)
+    for layer in local:
+        bad = [n for n, p in layer.named_parameters() if not n.startswith(f"model{SEPARATOR}momentum_")
+               and torch.isnan(p).any()]
+        if bad:
+            raise RuntimeError(f"parameters without an initialisation rule (wenlan.models.init): {bad[:5]}")
+    pipe = PipelineModule(layers=layers, num_stages=stages, loss_fn=objective.loss, partition_method="parameters",
+                          activation_checkpoint_interval=cfg.deepspeed_config.get("pipeline", {}).get(
+                              "activation_checkpoint_interval", 0))
+    if list(pipe.parts) != list(parts) or pipe.stage_id != stage:
+        raise RuntimeError(f"pipeline partition differs from DeepSpeed's: {parts} vs {pipe.parts}")
+    pairs = [pair for layer in local if isinstance(layer, TowerLayer) for pair in layer.named_momentum_pairs()]
+    return pipe, objective if last else None, pairs, (stage, dp_rank, dp_group)
+
+
+def _init_layer(layer: TowerLayer, seed: int) -> None:
+    """``init_module_`` on the online modules of a layer under their plain names (the momentum half is
+    copied from them by the EMA's first step); a module owning a single parameter of the block (a
+    position embedding) is initialised as a whole, as in the plain build."""
+    prefix, tower = layer.towers[0]
+    for path in layer.blocks[0].owns:
+        parent, name = _owner(tower, path)
+        owned = getattr(parent, name)
+        base = f"{prefix}{layer.kind}_tower"
+        if isinstance(owned, nn.Parameter):
+            parent_path = path.rpartition(".")[0]
+            init_module_(parent, f"{base}.{parent_path}" if parent_path else base, seed)
+        else:
+            for sub_name, sub in owned.named_modules():
+                init_module_(sub, f"{base}.{path}.{sub_name}" if sub_name else f"{base}.{path}", seed)
+
+
+@torch.no_grad()
+def _copy_pretrained(model: BriVL, local: list[nn.Module]) -> None:
+    state = model.pretrained_state() if any(isinstance(layer, TowerLayer) for layer in local) else {}
+    if not state:
+        return
+    for layer in local:
+        for key, tensor in [*layer.named_parameters(), *layer.named_buffers()]:
+            name = plain_name(key).removeprefix("model.")
+            if name in state:
+                if state[name].shape != tensor.shape:
+                    raise ValueError(f"pretrained weights: {name} has shape {tuple(state[name].shape)}, the model "
+                                     f"expects {tuple(tensor.shape)}")
+                tensor.copy_(state[name])
+
+
+def micro_batches(batch: dict, micro: int, image_dtype, device):
+    """One step's batch of this data-parallel rank -> DeepSpeed pipeline micro-batches
+    ((images, input_ids, attention_mask), caption ids)."""
+    for i in range(batch["images"].shape[0] // micro):
+        part = slice(i * micro, (i + 1) * micro)
+        input_ids = batch["input_ids"][part].to(device)
+        yield ((batch["images"][part].to(device, image_dtype), input_ids, batch["attention_mask"][part].to(device)),
+               caption_ids(input_ids))
+
+
+@torch.no_grad()
+def evaluate_pipeline(engine, cfg, tokenizer, image_dtype) -> dict:
+    """Retrieval metrics of the online towers through the pipeline (``wenlan.evaluate``'s metrics on the
+    same validation pairs), on every rank. Every rank walks the validation set in micro-batches of the
+    training size (the shapes between stages are fixed), the last batch padded; the last stage's first
+    rank scores the embeddings and broadcasts the metrics."""
+    from wenlan.data.pipeline import DataConfig, make_eval_loader
+    from wenlan.evaluate import retrieval_metrics
+
+    micro = cfg.batch.micro_batch
+    data = DataConfig(shards=list(cfg.val_shards), batch_size=micro, image_size=cfg.model.image.image_size,
+                      max_text_len=cfg.model.text.max_len, num_workers=0, augment=False)
+    images, texts, skipped = [], [], 0
+    for batch in make_eval_loader(data, tokenizer):
+        skipped += sum(batch["skipped"].values())
+        n = batch["images"].shape[0]
+        if n == 0:
+            continue
+        pad = micro - n
+        pixels, input_ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"]
+        if pad:  # padding rows attend to one token so that nothing is all-masked; they are cut below
+            pixels = torch.cat([pixels, pixels.new_zeros((pad, *pixels.shape[1:]))])
+            input_ids = torch.cat([input_ids, input_ids.new_zeros((pad, input_ids.shape[1]))])
+            mask = torch.cat([mask, torch.nn.functional.pad(mask.new_ones((pad, 1)), (0, mask.shape[1] - 1))])
+        inputs = ((pixels.to(engine.device, image_dtype), input_ids.to(engine.device), mask.to(engine.device)),
+                  caption_ids(input_ids).to(engine.device))
+        engine.total_loss = None  # eval_batch adds its outputs to training's loss sum, which it does not reset
+        _, outputs = engine.eval_batch(iter([inputs]), return_logits=True, compute_loss=False,
+                                       reduce_output=None, bcast_loss=False, num_micro_batches=1)
+        if engine.is_last_stage():
+            images.append(outputs[0][:n].float().cpu())  # online rows only
+            texts.append(outputs[1][:n].float().cpu())
+    source = engine.grid.stage_to_global(engine.num_stages - 1, data=0)  # the last stage's first rank
+    result = [None]
+    if dist.get_rank() == source:
+        metrics = retrieval_metrics(torch.cat(images), torch.cat(texts))
+        result = [dict(metrics, skipped=skipped)]
+    dist.broadcast_object_list(result, src=source)  # a small dict, no gradient
+    engine.module.train()
+    return result[0]
