@@ -193,12 +193,11 @@ def run(cfg: TrainConfig) -> dict:
                          zero_stage=zero_stage(cfg.deepspeed_config), world_size=world,
                          pipeline_stages=stages, data_position=merge_positions(positions))
         # State equal on the data-parallel ranks of a stage is written by the stage's first rank only.
-        writes_shared = zero3 or dp_rank == 0
         replicated = queues is not None and queues.num_shards == 1
         rank_state = dict(rng=ckpt.capture_rng(), shared_from=rank - dp_rank,
                           # ZeRO-3: this rank's partitions; otherwise whole tensors of this rank's layers.
-                          momentum_masters=(ema.state_dict() if ema else {}) if writes_shared else None,
-                          queues=queues.state() if queues is not None and (writes_shared or not replicated)
+                          momentum_masters=(ema.state_dict() if ema else {}) if zero3 or dp_rank == 0 else None,
+                          queues=queues.state() if queues is not None and (dp_rank == 0 or not replicated)
                           else None)
         ckpt.save(engine, checkpoint_dir, step, run_state, rank_state)
 
