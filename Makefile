@@ -8,7 +8,7 @@ DEMO_STEPS ?= 800
 DEMO_PORT ?= 29500
 DEMO_OUT := $(if $(filter 0,$(SEED)),outputs/demo,outputs/demo-seed$(SEED))
 
-.PHONY: setup demo demo-data test bench presets clean
+.PHONY: setup demo demo-data test slurm bench presets clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,11 @@ demo: demo-data
 
 test: setup
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests
+
+# Slurm's daemons and clients for tests/test_slurm.py (Debian/Ubuntu, as root; nothing if already there).
+slurm:
+	@command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null || { \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slurm-wlm; }
 
 bench: setup
 	DS_ACCELERATOR=cpu $(PY) bench/engine_overhead.py

@@ -92,11 +92,13 @@ def run(cfg: TrainConfig) -> dict:
     from wenlan.parallel.engine import build_engine, build_module, init_distributed, zero_stage
     from wenlan.parallel.momentum import MomentumEMA
     from wenlan.parallel.pipeline import build_pipeline, evaluate_pipeline, micro_batches
+    from wenlan.parallel.preemption import Preemption
     from wenlan.parallel.reshard import load_portable
     from wenlan.tracking import Tracker
 
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
+    preemption = Preemption()  # USR1/SIGTERM: stop after the current step (before any DataLoader fork)
     is_main = rank == 0
     zero3 = zero_stage(cfg.deepspeed_config) == 3
     out = Path(cfg.output_dir)
@@ -288,9 +290,14 @@ def run(cfg: TrainConfig) -> dict:
             metrics = run_eval()
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
             save()
+        if step < cfg.max_steps and preemption.should_stop(device):  # all ranks stop after the same step
+            break
 
     if ckpt.tag_for(step) not in ckpt.complete_tags(checkpoint_dir):
         save()
+    if step < cfg.max_steps:  # pre-empted: saved; the batch script requeues the job
+        tracker.close()
+        preemption.exit(step)
     metrics = run_eval()
     tracker.close()
     dist.barrier()
