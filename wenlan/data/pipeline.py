@@ -3,8 +3,12 @@ and resumes exactly.
 
 Order. The data is read as C logical streams (DataConfig.streams, fixed for a run). In a stream's
 epoch e the shard list is shuffled with (seed, e), identically everywhere, and stream c reads shards
-perm[c::C] one after another; inside a shard, samples are read in tar order and shuffled within
-windows of `shuffle_window`. The global batch G of an optimizer step is C blocks of G/C good samples,
+perm[c::C] one after another. With a shard index (verify_shards' index.json, DataConfig.index), the
+shards are instead dealt by sample count, largest first, each to the stream holding the fewest
+samples so far (ties: lowest stream, then perm order), and each stream reads its own in perm order:
+every stream's epoch then holds about total / C samples, so the streams cross epoch boundaries
+together (with equal counts this is exactly perm[c::C]). Inside a shard, samples are read in tar
+order and shuffled within windows of `shuffle_window`. The global batch G of an optimizer step is C blocks of G/C good samples,
 block c from stream c, and rank r of W takes blocks [r*C/W, (r+1)*C/W) = global positions
 [r*G/W, (r+1)*G/W). So every rank's step batch is a slice of the one-rank step batch.
 
@@ -39,7 +43,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from wenlan.data.shards import ShardLost, expand_shards, missing_local_shards, tar_samples
+from wenlan.data.index import ShardCounts, balanced_split, shard_counts
+from wenlan.data.shards import ShardLost, _is_local, expand_shards, missing_local_shards, tar_samples
 from wenlan.data.transforms import eval_transform, train_transform
 
 # The tokenizer runs inside forked DataLoader workers; its own thread pool would be unsafe there.
@@ -75,6 +80,11 @@ class DataConfig:
         horizontally, since captions name left and right.
     max_image_pixels: images with more pixels are skipped undecoded ("image too large"), a guard
         against decompression bombs. PIL's own guard (twice its Image.MAX_IMAGE_PIXELS) still applies.
+    index: the shard index with sample counts (data_tools/verify_shards.py). "auto": the index.json
+        beside the shards, used when every shard is a local file and each shard directory has one;
+        a path (or URL): that index; None: none. With an index the train loader knows the samples
+        per epoch and splits shards across streams by sample count (see the module docstring); an
+        index must be written before a run starts and kept for it, since it decides the order.
     """
 
     shards: list[str]
@@ -88,6 +98,7 @@ class DataConfig:
     augment: bool = True
     color_augment: bool = True
     max_image_pixels: int = PIL_MAX_IMAGE_PIXELS
+    index: str | None = "auto"
 
     def __post_init__(self):
         if isinstance(self.shards, str):
@@ -105,6 +116,13 @@ class DataConfig:
             raise ValueError(f"DataConfig.shards: missing local shard files: {shown}")
         if not self.expanded_shards():
             raise ValueError("DataConfig.shards is empty: give at least one tar shard")
+        if self.index not in (None, "auto") and _is_local(self.index) and not os.path.isfile(self.index):
+            raise ValueError(f"DataConfig.index: no such file {self.index!r}; write it with "
+                             "`python data_tools/verify_shards.py DIR`, or use index=None")
+
+    def shard_counts(self, urls: list[str] | None = None) -> ShardCounts | None:
+        """Sample counts of the shards from the index (None without one); ValueError if it disagrees."""
+        return shard_counts(self.expanded_shards() if urls is None else urls, self.index)
 
     def expanded_shards(self) -> list[str]:
         """Shard list with brace notation and directories expanded, in the given order."""
@@ -116,8 +134,10 @@ def default_streams(world_size: int) -> int:
     return math.lcm(world_size, 8)
 
 
-def check_train_layout(n_shards: int, streams: int, world_size: int, global_batch: int) -> None:
-    """Raise ValueError, naming the fields and the fix, unless W | C, C | G and C <= shards."""
+def check_train_layout(n_shards: int, streams: int, world_size: int, global_batch: int,
+                       nonempty: int | None = None) -> None:
+    """Raise ValueError, naming the fields and the fix, unless W | C, C | G and C <= shards (and, where
+    an index gives `nonempty`, the shards holding samples)."""
     if streams % world_size:
         raise ValueError(f"DataConfig.streams={streams} is not a multiple of the world size {world_size}: "
                          f"each rank reads whole streams. Use streams={math.lcm(streams, world_size)} for a new "
@@ -131,6 +151,11 @@ def check_train_layout(n_shards: int, streams: int, world_size: int, global_batc
         raise ValueError(f"{n_shards} shard(s) for DataConfig.streams={streams}: every stream needs at least one "
                          f"shard per epoch. Write the data as at least {streams} shards, or (new runs only) use "
                          f"fewer streams (a multiple of the world size {world_size} dividing the global batch)")
+    if nonempty is not None and nonempty < streams:
+        raise ValueError(f"only {nonempty} of the {n_shards} shards hold samples (per the shard index) for "
+                         f"DataConfig.streams={streams}: the streams that get only empty shards would never yield "
+                         f"a sample. Remove the empty shards and re-write the data as at least {streams} non-empty "
+                         f"shards (then re-run verify_shards), or (new runs only) use fewer streams")
 
 
 def merge_positions(per_rank: list[dict]) -> dict[int, list[int]]:
@@ -233,12 +258,48 @@ def _window_shuffled(url: str, start: int, window: int, seed_parts: tuple) -> It
             return
 
 
-class _Stream:
-    """Logical stream `index` of `n_streams`: good samples in stream order, and its position."""
+class _ShardPlan:
+    """Which shards each of `n_streams` streams reads in an epoch (see the module docstring): a function
+    of (seed, epoch, sample counts) only, so the same on every rank and worker and after a resume."""
 
-    def __init__(self, index: int, n_streams: int, urls: list[str], cfg: DataConfig, transform,
+    CACHED_EPOCHS = 4  # streams of one worker are at most an epoch or so apart
+
+    def __init__(self, n_shards: int, n_streams: int, seed: int, counts: ShardCounts | None):
+        self.n_shards, self.n_streams, self.seed, self.counts = n_shards, n_streams, seed, counts
+        self._splits: dict[int, list[list[int]]] = {}
+        self._warned: set[int] = set()
+
+    def shards(self, epoch: int, stream: int) -> list[int]:
+        """Indices (into the shard list) of `stream`'s shards in `epoch`, in reading order."""
+        if epoch not in self._splits:
+            order = list(range(self.n_shards))
+            random.Random(_seed_of(self.seed, epoch, "shards")).shuffle(order)
+            if self.counts is None:
+                split = [order[c::self.n_streams] for c in range(self.n_streams)]
+            else:
+                split = balanced_split(order, self.counts.samples, self.n_streams)
+            if len(self._splits) >= self.CACHED_EPOCHS:
+                del self._splits[min(self._splits)]
+            self._splits[epoch] = split
+        return self._splits[epoch][stream]
+
+    def check_read(self, shard: int, url: str, read: int) -> None:
+        """A shard was read to its clean end holding `read` samples: warn (once) if the index disagrees."""
+        expected = self.counts.raw[shard] if self.counts is not None else None
+        if expected is not None and read != expected and shard not in self._warned:
+            self._warned.add(shard)
+            log.warning("%s holds %d samples but the shard index says %d: the index is stale (the shard was "
+                        "rewritten after it). Epoch sizes and the stream balance follow the index until you re-run "
+                        "%s (before starting a run: the index decides the order)", url, read, expected,
+                        self.counts.refresh_hint())
+
+
+class _Stream:
+    """Logical stream `index` of the plan's streams: good samples in stream order, and its position."""
+
+    def __init__(self, index: int, plan: _ShardPlan, urls: list[str], cfg: DataConfig, transform,
                  position: list[int], epochs: int | None, skip_log: _SkipLog):
-        self.index, self.n_streams, self.urls, self.cfg, self.transform = index, n_streams, urls, cfg, transform
+        self.index, self.plan, self.urls, self.cfg, self.transform = index, plan, urls, cfg, transform
         self.epoch, self.shard, self.sample = position
         self.epochs, self.skip_log = epochs, skip_log
         self.exhausted = False
@@ -249,10 +310,8 @@ class _Stream:
         return [self.epoch, self.shard, self.sample]
 
     def shards(self, epoch: int) -> list[int]:
-        """Indices (into urls) of this stream's shards in `epoch`: one permutation, split C ways."""
-        order = list(range(len(self.urls)))
-        random.Random(_seed_of(self.cfg.seed, epoch, "shards")).shuffle(order)
-        return order[self.index::self.n_streams]
+        """Indices (into urls) of this stream's shards in `epoch`."""
+        return self.plan.shards(epoch, self.index)
 
     def _walk(self) -> Iterator[tuple[tuple | None, str | None]]:
         """(item, None) per good sample and (None, reason) per skip; the position is kept right after
@@ -282,6 +341,8 @@ class _Stream:
                     whole = False
                     barren.clear()
                     yield (f"{url}#{key}", image, caption), None
+                else:  # the shard's clean end (no ShardLost): self.sample is its sample count
+                    self.plan.check_read(index, url, self.sample)
                 if whole:
                     barren.add(index)
                     if len(barren) == len(self.urls) and self.epochs is None:  # endless, and nothing will come
@@ -342,16 +403,15 @@ class _RankStreams(IterableDataset):
     """A rank's streams; worker j of n serves streams[j::n] and yields one item per step:
     {"worker": j, "last": no more items after this one, "blocks": {stream: block dict}}."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, transform, urls: list[str], streams: list[int], n_streams: int,
+    def __init__(self, cfg: DataConfig, tokenizer, transform, urls: list[str], streams: list[int], plan: _ShardPlan,
                  block_size: int, start: dict[int, list[int]], epochs: int | None):
         self.cfg, self.tokenizer, self.transform, self.urls = cfg, tokenizer, transform, urls
-        self.streams, self.n_streams, self.block_size, self.start, self.epochs = \
-            streams, n_streams, block_size, start, epochs
+        self.streams, self.plan, self.block_size, self.start, self.epochs = streams, plan, block_size, start, epochs
 
     def __iter__(self):
         worker, n_workers = _worker()
         skip_log = _SkipLog()
-        mine = [_Stream(c, self.n_streams, self.urls, self.cfg, self.transform, self.start[c], self.epochs, skip_log)
+        mine = [_Stream(c, self.plan, self.urls, self.cfg, self.transform, self.start[c], self.epochs, skip_log)
                 for c in self.streams[worker::n_workers]]
         while True:
             blocks = {}
@@ -366,10 +426,16 @@ class _RankStreams(IterableDataset):
 
 
 class TrainLoader:
-    """Step batches of one rank, one per optimizer step (see make_train_loader)."""
+    """Step batches of one rank, one per optimizer step (see make_train_loader).
 
-    def __init__(self, dataset: _RankStreams, num_workers: int):
+    samples_per_epoch: good samples in one epoch of all streams, from the shard index (None without
+    one); steps_per_epoch: samples_per_epoch / global batch."""
+
+    def __init__(self, dataset: _RankStreams, num_workers: int, global_batch: int):
         self.dataset, self.num_workers = dataset, num_workers
+        counts = dataset.plan.counts
+        self.samples_per_epoch = counts.total if counts is not None else None
+        self.steps_per_epoch = self.samples_per_epoch / global_batch if counts is not None else None
 
     def __iter__(self) -> Iterator[dict]:
         loader = _loader(self.dataset, self.num_workers)
@@ -422,6 +488,8 @@ def make_train_loader(cfg: DataConfig, tokenizer, rank: int, world_size: int, *,
     resume from; any world size dividing the streams count works. With `epochs`, each stream stops
     after that many epochs (counted from 0) and the last steps are short, so every sample of the
     rank's streams is delivered; ranks may then end at different steps.
+    With a shard index (cfg.index) shards are split across streams by sample count and the loader's
+    samples_per_epoch / steps_per_epoch are known (rank 0 logs them).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
@@ -430,7 +498,12 @@ def make_train_loader(cfg: DataConfig, tokenizer, rank: int, world_size: int, *,
         n_streams = cfg.streams
     else:
         n_streams = len(position) if position else default_streams(world_size)
-    check_train_layout(len(urls), n_streams, world_size, global_batch)
+    counts = cfg.shard_counts(urls)
+    check_train_layout(len(urls), n_streams, world_size, global_batch,
+                       nonempty=sum(n > 0 for n in counts.samples) if counts is not None else None)
+    plan = _ShardPlan(len(urls), n_streams, cfg.seed, counts)
+    if rank == 0:
+        _log_plan(plan, global_batch)
     start = _start_positions(position, n_streams)
     per_rank = n_streams // world_size
     streams = list(range(rank * per_rank, (rank + 1) * per_rank))
@@ -438,9 +511,20 @@ def make_train_loader(cfg: DataConfig, tokenizer, rank: int, world_size: int, *,
         transform = train_transform(cfg.image_size, color_augment=cfg.color_augment)
     else:
         transform = eval_transform(cfg.image_size)
-    dataset = _RankStreams(cfg, tokenizer, transform, urls, streams, n_streams, global_batch // n_streams,
-                           start, epochs)
-    return TrainLoader(dataset, min(cfg.num_workers, per_rank))
+    dataset = _RankStreams(cfg, tokenizer, transform, urls, streams, plan, global_batch // n_streams, start, epochs)
+    return TrainLoader(dataset, min(cfg.num_workers, per_rank), global_batch)
+
+
+def _log_plan(plan: _ShardPlan, global_batch: int) -> None:
+    counts = plan.counts
+    if counts is None:
+        log.info("%d shards, %d data streams, no shard index: shards are split round robin and the epoch size is "
+                 "unknown (write one with data_tools/verify_shards.py)", plan.n_shards, plan.n_streams)
+        return
+    totals = [sum(counts.samples[s] for s in plan.shards(0, c)) for c in range(plan.n_streams)]
+    log.info("shard index %s: %d shards, %d samples per epoch (%.1f steps of global batch %d); %d data streams "
+             "balanced by sample count: %d..%d samples each in epoch 0", ", ".join(counts.paths), plan.n_shards,
+             counts.total, counts.total / global_batch, global_batch, plan.n_streams, min(totals), max(totals))
 
 
 class _EvalPass(IterableDataset):
