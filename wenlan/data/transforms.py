@@ -139,10 +139,10 @@ class TrainTransform:
                 image.draft("RGB", (width // k, height // k))
                 rgb = image if image.mode == "RGB" else image.convert("RGB")
                 rgb.load()
-                sx, sy = rgb.width / width, rgb.height / height
-                top2, left2 = int(top * sy), int(left * sx)
-                box = (top2, left2, max(1, min(rgb.height - top2, round(h * sy))),
-                       max(1, min(rgb.width - left2, round(w * sx))))
+                sx, sy = rgb.width / width, rgb.height / height  # the box at that scale, to the nearest pixel
+                top2, left2 = min(round(top * sy), rgb.height - 1), min(round(left * sx), rgb.width - 1)
+                box = (top2, left2, max(1, min(rgb.height, round((top + h) * sy)) - top2),
+                       max(1, min(rgb.width, round((left + w) * sx)) - left2))
                 return _hwc(rgb), box
             if encoded is not None:
                 from torchvision.io import ImageReadMode, decode_jpeg
