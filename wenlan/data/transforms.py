@@ -164,7 +164,7 @@ class TrainTransform:
             out = torch.empty(3, self.size, self.size)
         if not ops:
             return out.copy_(crop).mul_(self._scale).add_(self._shift)
-        x = crop.to(torch.float32, memory_format=torch.contiguous_format).view(3, -1)
+        x = crop.to(torch.float32, memory_format=torch.contiguous_format).view(3, -1)  # (3, S*S)
         m, t = np.eye(3), np.zeros(3)  # in 0..255 units: y = m x + t
         for name, f in ops:
             if name == "brightness":
@@ -197,11 +197,13 @@ class TrainTransform:
         box = self.crop_box(rng, height, width)
         ops = self.colour_ops(rng)
         pixels, (top, left, h, w) = self._pixels(image, encoded, box)
-        crop = pixels[:, top:top + h, left:left + w]
+        crop = pixels[None, :, top:top + h, left:left + w]  # (1, 3, h, w), a view
         if (h, w) != (self.size, self.size):
-            crop = nnf.interpolate(crop[None], size=(self.size, self.size), mode="bilinear", antialias=True,
-                                   align_corners=False)[0]
-        return crop, ops
+            # torch's vectorised uint8 kernel wants a dense channels-last input: copying the crop so is
+            # cheaper than interpolating the strided view (0.30 vs 0.43 ms for a ~500 x 400 crop here)
+            crop = nnf.interpolate(crop.contiguous(memory_format=torch.channels_last), size=(self.size, self.size),
+                                   mode="bilinear", antialias=True, align_corners=False)
+        return crop[0], ops
 
     def __call__(self, image: Image.Image, seed: int | None = None, encoded: bytes | None = None) -> torch.Tensor:
         return self.finish(*self.prepare(image, seed, encoded))
