@@ -92,6 +92,7 @@ def load_counts(index_paths: list[str], urls: list[str]) -> ShardCounts:
     entries: dict[str, dict] = {}  # key -> {"samples", "bytes", "raw"} or {"broken": error}
     suffixes: dict[str, str] = {}  # "/relative/path" -> key, to match URL shards
     missing_on_disk = []
+    local_shards = all(_is_local(u) for u in urls)  # else the index may well be a local copy for remote shards
     for path in index_paths:
         index = _read(path)
         base = os.path.dirname(os.path.abspath(path)) if _is_local(path) else path.rsplit("/", 1)[0]
@@ -103,8 +104,8 @@ def load_counts(index_paths: list[str], urls: list[str]) -> ShardCounts:
                 info = ({"samples": int(e["samples"]), "bytes": e.get("bytes"), "raw": int(e["samples"]) + bad[rel]}
                         if kind == "shards" else {"broken": e.get("error", "broken")})
                 entries[_key(where)] = info
-                suffixes["/" + rel.replace(os.sep, "/").lstrip("./")] = _key(where)
-                if kind == "shards" and _is_local(where) and not os.path.exists(where):
+                suffixes["/" + rel.replace(os.sep, "/").removeprefix("./")] = _key(where)
+                if kind == "shards" and local_shards and not os.path.exists(where):
                     missing_on_disk.append(rel)
     counts = ShardCounts(samples=[], raw=[], paths=list(index_paths))
     unlisted, changed = [], []
