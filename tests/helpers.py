@@ -79,3 +79,12 @@ def run_until_killed(args: list[str], kill_at: int, ranks: int = 2) -> None:
     finally:
         proc.wait(timeout=60)
         proc.stdout.close()
+
+
+def equivalence_args(data: Path, out: Path, ds: str, steps: int, queue: int) -> list[str]:
+    """train.py arguments of the equivalence tests: tiny preset on 8 demo shards in 4 streams, a log line
+    and a queue check every step, a checkpoint every 2 steps, MLflow next to the run."""
+    return ["--deepspeed_config", ds, "--preset", "tiny", "--tokenizer", str(data / "tokenizer"),
+            "--train-shards", str(data / "train-{000000..000007}.tar"), "--val-shards", str(data / "val-000000.tar"),
+            "--max-steps", str(steps), "--output-dir", str(out), "--queue-size", str(queue), "--log-every", "1",
+            "--save-every", "2", "--data-streams", "4", "--mlflow-uri", f"sqlite:///{out.parent / 'mlflow.db'}"]

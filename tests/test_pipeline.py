@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from data_tools.make_demo_data import write_demo_shards
-from tests.helpers import ROOT, assert_close_per_tensor, cpu_env, exported, launch, run_until_killed
+from tests.helpers import ROOT, assert_close_per_tensor, cpu_env, equivalence_args, exported, launch, run_until_killed
 
 STEPS = 6
 MICRO = 16  # the in-batch negatives are a micro-batch's: every run uses the same micro-batch
@@ -48,10 +48,7 @@ def ds_config(tmp: Path, stages: int, accum: int) -> str:
 
 
 def train_args(data: Path, out: Path, ds: str) -> list[str]:
-    return ["--deepspeed_config", ds, "--preset", "tiny", "--tokenizer", str(data / "tokenizer"),
-            "--train-shards", str(data / "train-{000000..000007}.tar"), "--val-shards", str(data / "val-000000.tar"),
-            "--max-steps", str(STEPS), "--output-dir", str(out), "--queue-size", str(QUEUE), "--log-every", "1",
-            "--save-every", "2", "--data-streams", "4", "--mlflow-uri", f"sqlite:///{out.parent / 'mlflow.db'}"]
+    return equivalence_args(data, out, ds, STEPS, QUEUE)
 
 
 def losses(stdout: str) -> dict[int, float]:

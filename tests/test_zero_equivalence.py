@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from data_tools.make_demo_data import write_demo_shards
-from tests.helpers import ROOT, assert_close_per_tensor, exported, launch, run_until_killed
+from tests.helpers import ROOT, assert_close_per_tensor, equivalence_args, exported, launch, run_until_killed
 
 STEPS = 10
 GLOBAL_BATCH = 32
@@ -49,11 +49,7 @@ def ds_config(tmp: Path, stage: int, micro: int, accum: int) -> str:
 
 
 def train_args(data: Path, out: Path, ds: str) -> list[str]:
-    return ["--deepspeed_config", ds, "--preset", "tiny", "--tokenizer", str(data / "tokenizer"),
-            "--train-shards", str(data / "train-{000000..000007}.tar"), "--val-shards", str(data / "val-000000.tar"),
-            "--max-steps", str(STEPS), "--output-dir", str(out), "--queue-size", str(QUEUE), "--log-every", "1",
-            "--save-every", "2", "--num-workers", "1", "--data-streams", "4",
-            "--mlflow-uri", f"sqlite:///{out.parent / 'mlflow.db'}"]
+    return equivalence_args(data, out, ds, STEPS, QUEUE)
 
 
 @pytest.fixture(scope="module")
