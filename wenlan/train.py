@@ -184,9 +184,10 @@ def run(cfg: TrainConfig) -> dict:
     tracker.log_metrics({"restarts": restarts}, step=step)
     if is_main:
         tracker.log_dict(cfg.deepspeed_config, "deepspeed_config.json")
-        log.info("preset %s, objective %s, ZeRO-%d, %d ranks (%d pipeline stages x %d data-parallel), global batch "
-                 "%d, %d steps", cfg.preset, cfg.objective.name, zero_stage(cfg.deepspeed_config), world, stages,
-                 dp_world, cfg.batch.global_batch, cfg.max_steps)
+        layout = f" ({stages} pipeline stages x {dp_world} data-parallel)" if stages > 1 else ""
+        log.info("preset %s, objective %s, ZeRO-%d, %d ranks%s, global batch %d, %d steps", cfg.preset,
+                 cfg.objective.name, zero_stage(cfg.deepspeed_config), world, layout, cfg.batch.global_batch,
+                 cfg.max_steps)
 
     def save() -> None:
         positions = [None] * world
