@@ -38,18 +38,23 @@ def sample_problem(sample: dict, decode: bool) -> str | None:
     image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
     if image is None:
         return "no image member"
-    if "txt" not in sample:
-        return "no caption (.txt)"
-    try:
-        if not sample["txt"].decode("utf-8").strip():
-            return "empty caption"
-    except UnicodeDecodeError:
-        return "caption is not UTF-8"
+    meta = None
     if "json" in sample:
         try:
-            json.loads(sample["json"])
+            meta = json.loads(sample["json"])
         except ValueError:
             return "invalid .json"
+    if "txt" in sample:
+        try:
+            caption = sample["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            return "caption is not UTF-8"
+    else:  # img2dataset keeps the caption in the .json too; the loader reads it from there
+        caption = meta.get("caption") if isinstance(meta, dict) else None
+        if not isinstance(caption, str):
+            return "no caption (.txt, or \"caption\" in the .json)"
+    if not caption.strip():
+        return "empty caption"
     if decode:
         try:
             with Image.open(io.BytesIO(image)) as im:

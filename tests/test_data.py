@@ -334,3 +334,62 @@ def test_train_transform_never_flips():
             assert x.shape == (3, 32, 32)
             assert x[:, :, :8].mean() > x[:, :, -8:].mean()
     assert torch.equal(eval_transform(32)(pil), eval_transform(32)(pil))
+
+
+def _jpeg_bytes(size: tuple[int, int], seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    low = Image.fromarray(rng.integers(40, 200, (8, 8, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    low.save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_fast_colour_ops_match_torchvision_where_nothing_clips():
+    from torchvision.transforms import functional as F
+
+    from wenlan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform
+
+    t = TrainTransform(16)
+    crop = torch.from_numpy(np.random.default_rng(0).integers(70, 170, (3, 16, 16), dtype=np.uint8))  # (3, 16, 16)
+    x = crop.float() / 255
+
+    def norm(img):
+        return F.normalize(img, IMAGENET_MEAN, IMAGENET_STD)
+
+    cases = [([("brightness", 1.3)], F.adjust_brightness(x, 1.3)),
+             ([("contrast", 0.7)], F.adjust_contrast(x, 0.7)),
+             ([("saturation", 1.4)], F.adjust_saturation(x, 1.4)),
+             ([("grayscale", 0.0)], F.rgb_to_grayscale(x, 3)),
+             ([("saturation", 0.8), ("contrast", 1.2), ("brightness", 0.9)],
+              F.adjust_brightness(F.adjust_contrast(F.adjust_saturation(x, 0.8), 1.2), 0.9)),
+             ([], x)]
+    for ops, want in cases:
+        torch.testing.assert_close(t.finish(crop, ops), norm(want), atol=1e-4, rtol=0, msg=str(ops))
+    # hue: a rotation of chroma that keeps luma; 0 is the identity
+    torch.testing.assert_close(t.finish(crop, [("hue", 0.0)]), norm(x), atol=1e-4, rtol=0)
+    shifted = t.finish(crop, [("hue", 0.08)])
+    unnorm = shifted * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+    torch.testing.assert_close((unnorm * luma).sum(0), (x * luma).sum(0), atol=1e-3, rtol=0)
+    assert (unnorm - x).abs().max() > 0.01
+
+
+def test_train_transform_decoders_agree_and_draws_follow_the_seed():
+    from wenlan.data.transforms import TrainTransform
+
+    t = TrainTransform(64)
+    big = _jpeg_bytes((640, 560))  # crops >= 2 x 64... x 8: decoded at 1/4 or 1/8 scale in the DCT domain
+    small = _jpeg_bytes((90, 80), seed=1)  # torchvision's decoder
+    for data in (big, small):
+        for seed in range(6):
+            with Image.open(io.BytesIO(data)) as im:
+                fast = t(im, seed=seed, encoded=data)
+            full = t(Image.open(io.BytesIO(data)).convert("RGB"), seed=seed)  # decoded in full by PIL
+            assert fast.shape == (3, 64, 64) and fast.is_contiguous()
+            if data is small:  # the same libjpeg-turbo decode, the same pixels
+                assert torch.equal(fast, full), seed
+            else:  # DCT-domain downscale + sub-pixel box rounding: a few grey levels (1.0 here ~ 58 levels)
+                assert (fast - full).abs().mean() < 0.08, seed
+    with Image.open(io.BytesIO(small)) as a, Image.open(io.BytesIO(small)) as b, Image.open(io.BytesIO(small)) as c:
+        assert torch.equal(t(a, seed=3, encoded=small), t(b, seed=3, encoded=small))
+        assert not torch.equal(t(a, seed=3), t(c, seed=4))

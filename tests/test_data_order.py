@@ -1,26 +1,34 @@
 """The training sample order: the same at any world size and worker count, and exactly resumable.
 
-One reference run (1 rank, no workers) over 10 uneven shards with bad samples and a truncated shard,
+One reference run (1 rank, no workers) over uneven shards with bad samples and a truncated shard,
 8 streams, windows of 4, augmentation on; every other run must reproduce its step batches bitwise.
+Two data sets: 10 shards split round robin, and 12 very uneven shards with verify_shards' index.json
+beside them, split by sample count (the index also marks the truncated shard broken).
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from data_tools.verify_shards import verify
 from test_data import cut, member_offsets, tokenizer, write_shards  # noqa: F401  (tokenizer is a fixture)
 from wenlan.data import DataConfig, make_train_loader, merge_positions
 
-SIZES = [7, 9, 5, 11, 6, 8, 10, 5, 12, 7]
+SIZES = {"round-robin": [7, 9, 5, 11, 6, 8, 10, 5, 12, 7], "index": [3, 14, 5, 21, 9, 2, 16, 6, 3, 11, 4, 2]}
 STREAMS, GLOBAL_BATCH, WINDOW, STEPS = 8, 16, 4, 12
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("order")
-    paths = write_shards(root, SIZES, bad={"s3-002": {"jpg": b"\xff\xd8 not really"}, "s6-005": {"txt": b" "}})
+@pytest.fixture(scope="module", params=sorted(SIZES))
+def shards(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    paths = write_shards(root, SIZES[request.param],
+                         bad={"s3-002": {"jpg": b"\xff\xd8 not really"}, "s6-005": {"txt": b" "}})
     cut(paths[4], member_offsets(paths[4])["s4-004.jpg"][0] + 50)  # s4 keeps 4 samples, then is truncated
+    if request.param == "index":
+        index = verify([Path(p) for p in paths], root / "index.json")
+        assert [b["path"] for b in index["broken"]] == ["shard-000004.tar"]
     return paths
 
 
@@ -66,7 +74,12 @@ def assert_same_steps(got, want):
     assert len(got) == len(want)
 
 
-def test_reference_run_covers_epochs_skips_and_augmentation(reference):
+def test_reference_run_covers_epochs_skips_and_augmentation(shards, tokenizer, reference):
+    loader = make_train_loader(config(shards, 0), tokenizer, 0, 1, global_batch=GLOBAL_BATCH)
+    if (Path(shards[0]).parent / "index.json").is_file():  # the index set: good samples of the intact shards
+        assert loader.samples_per_epoch == sum(SIZES["index"]) - 2 - SIZES["index"][4]
+    else:
+        assert loader.samples_per_epoch is None
     assert all(len(s["keys"]) == GLOBAL_BATCH for s in reference)
     assert min(p[0] for p in reference[-1]["position"].values()) >= 1  # every stream is past epoch 0
     skipped = {}
@@ -74,13 +87,15 @@ def test_reference_run_covers_epochs_skips_and_augmentation(reference):
         for reason, n in s["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + n
     assert {"undecodable image", "empty caption", "truncated shard"} <= set(skipped)
-    # Augmentation is on and drawn per (epoch, sample): a sample seen in two epochs looks different.
+    # Augmentation is on and drawn per (epoch, sample): a sample seen in two epochs looks different
+    # (bar the odd one that draws no colour change and the same crop twice: 12 px images allow few crops).
     seen = {}
     for s in reference:
         for key, image in zip(s["keys"], s["images"]):
             seen.setdefault(key, []).append(image)
     twice = [images for images in seen.values() if len(images) > 1]
-    assert twice and all(not torch.equal(images[0], images[1]) for images in twice)
+    differ = [not torch.equal(images[0], images[1]) for images in twice]
+    assert len(twice) > 20 and sum(differ) >= 0.95 * len(twice)
 
 
 @pytest.mark.parametrize("world,num_workers", [(1, 2), (2, 0), (2, 2), (4, 0), (4, 2)])

@@ -1,5 +1,6 @@
 """Real DeepSpeed runs on CPU (gloo): 2-rank ZeRO-1 training, save -> resume, export -> load, MLflow,
-standalone evaluation, the CLIP objective. One set of launches checks several things each."""
+standalone evaluation, the CLIP objective (on shards in img2dataset's layout, with verify_shards'
+index). One set of launches checks several things each."""
 
 import json
 from pathlib import Path
@@ -10,6 +11,8 @@ from safetensors.torch import load_file
 
 import wenlan
 from data_tools.make_demo_data import write_demo_shards
+from data_tools.shard_io import read_samples
+from data_tools.verify_shards import verify
 from tests.helpers import ROOT, launch
 from wenlan.data import DataConfig, load_tokenizer, make_eval_loader
 from wenlan.export import export, load_model_from_checkpoint
@@ -23,6 +26,32 @@ def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo")
     write_demo_shards(root, n_train=1200, n_val=96, seed=0, image_size=64, shard_size=300, quiet=True)
     return root
+
+
+@pytest.fixture(scope="module")
+def img2dataset_shards(data, tmp_path_factory) -> Path:
+    """The demo train pairs rewritten as img2dataset writes them: `00000.tar` ... with `{key}.jpg`,
+    `{key}.txt`, `{key}.json` (every 7th sample's caption only in the json), `00000.parquet` and
+    `00000_stats.json` beside each tar; then verify_shards' index.json."""
+    import webdataset as wds
+
+    out = tmp_path_factory.mktemp("img2dataset")
+    for shard in range(4):
+        with wds.TarWriter(str(out / f"{shard:05d}.tar"), encoder=False, mtime=0) as sink:
+            for i, sample in enumerate(read_samples(data / f"train-{shard:06d}.tar")):
+                key = f"{shard:05d}{i:04d}"
+                caption = sample["txt"].decode("utf-8")
+                meta = {"url": f"http://example.com/{key}.jpg", "caption": caption, "key": key, "status": "success",
+                        "error_message": None, "width": 64, "height": 64, "sha256": "0" * 64}
+                fields = {"__key__": key, "jpg": sample["jpg"], "json": json.dumps(meta, ensure_ascii=False).encode()}
+                if i % 7:
+                    fields["txt"] = sample["txt"]
+                sink.write(fields)
+        (out / f"{shard:05d}.parquet").write_bytes(b"PAR1" + bytes(64) + b"PAR1")
+        (out / f"{shard:05d}_stats.json").write_text(json.dumps({"count": 300, "successes": 300}))
+    index = verify(sorted(out.glob("*.tar")), out / "index.json")
+    assert index["total"] == 1200 and not index["broken"] and not index["bad_samples"]
+    return out
 
 
 def ds_config(tmp: Path, stage: int, micro: int, bf16: bool = False) -> str:
@@ -150,9 +179,14 @@ def test_standalone_evaluate_cli(two_rank_run, data):
     assert json.loads(out.read_text())["r1_i2t"] == json.loads((two_rank_run["out"] / "eval.json").read_text())["r1_i2t"]
 
 
-def test_clip_objective_single_rank_zero0(data, tmp_path):
+def test_clip_objective_single_rank_zero0_on_img2dataset_shards(data, img2dataset_shards, tmp_path):
     out = tmp_path / "clip"
-    launch(1, train_args(data, out, ds_config(tmp_path, 0, 32), 2, "--objective", "clip"))
+    args = train_args(data, out, ds_config(tmp_path, 0, 32), 3, "--objective", "clip")
+    args[args.index("--train-shards") + 1] = str(img2dataset_shards)  # the directory: its tars, not the side files
+    proc = launch(1, args)
+    log = proc.stdout + proc.stderr
+    assert "step      3/3" in proc.stdout
+    assert f"shard index {img2dataset_shards / 'index.json'}: 4 shards, 1200 samples per epoch (37.5 steps" in log
     state, run_state = read_consolidated(out / "checkpoints")
     assert run_state["config"]["objective"]["name"] == "clip"
     assert not any(k.startswith(("queues.", "model.momentum_")) for k in state)

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from wenlan.data.index import shard_counts
 from wenlan.data.pipeline import check_train_layout, default_streams, expand_shards, missing_local_shards
 from wenlan.losses.objective import ObjectiveConfig
 from wenlan.models.brivl import ModelConfig
@@ -193,7 +194,10 @@ def resolve(args) -> TrainConfig:
     _check_shards("--val-shards", args.val_shards)
     streams = args.data_streams or _resumed_streams(args) or default_streams(world_size)
     try:
-        check_train_layout(len(expand_shards(args.train_shards)), streams, world_size, batch.global_batch)
+        urls = expand_shards(args.train_shards)
+        counts = shard_counts(urls)  # the index beside the shards, if any: checked before any process starts
+        check_train_layout(len(urls), streams, world_size, batch.global_batch,
+                           nonempty=sum(n > 0 for n in counts.samples) if counts is not None else None)
     except ValueError as err:
         raise ValueError(f"--train-shards / --data-streams: {err}") from None
     return TrainConfig(

@@ -12,7 +12,7 @@ from wenlan.data.pipeline import (
 )
 from wenlan.data.shards import expand_shards, missing_local_shards
 from wenlan.data.tokenizer import load_tokenizer
-from wenlan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from wenlan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform, eval_transform, train_transform
 
 __all__ = [
     "DataConfig",
@@ -26,6 +26,7 @@ __all__ = [
     "missing_local_shards",
     "load_tokenizer",
     "train_transform",
+    "TrainTransform",
     "eval_transform",
     "IMAGENET_MEAN",
     "IMAGENET_STD",

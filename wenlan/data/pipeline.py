@@ -3,8 +3,12 @@ and resumes exactly.
 
 Order. The data is read as C logical streams (DataConfig.streams, fixed for a run). In a stream's
 epoch e the shard list is shuffled with (seed, e), identically everywhere, and stream c reads shards
-perm[c::C] one after another; inside a shard, samples are read in tar order and shuffled within
-windows of `shuffle_window`. The global batch G of an optimizer step is C blocks of G/C good samples,
+perm[c::C] one after another. With a shard index (verify_shards' index.json, DataConfig.index), the
+shards are instead dealt by sample count, largest first, each to the stream holding the fewest
+samples so far (ties: lowest stream, then perm order), and each stream reads its own in perm order:
+every stream's epoch then holds about total / C samples, so the streams cross epoch boundaries
+together (with equal counts this is exactly perm[c::C]). Inside a shard, samples are read in tar
+order and shuffled within windows of `shuffle_window`. The global batch G of an optimizer step is C blocks of G/C good samples,
 block c from stream c, and rank r of W takes blocks [r*C/W, (r+1)*C/W) = global positions
 [r*G/W, (r+1)*G/W). So every rank's step batch is a slice of the one-rank step batch.
 
@@ -39,8 +43,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from wenlan.data.shards import ShardLost, expand_shards, missing_local_shards, tar_samples
-from wenlan.data.transforms import eval_transform, train_transform
+from wenlan.data.index import ShardCounts, balanced_split, shard_counts
+from wenlan.data.shards import ShardLost, _is_local, expand_shards, missing_local_shards, tar_samples
+from wenlan.data.transforms import TrainTransform, eval_transform, train_transform
 
 # The tokenizer runs inside forked DataLoader workers; its own thread pool would be unsafe there.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -75,6 +80,11 @@ class DataConfig:
         horizontally, since captions name left and right.
     max_image_pixels: images with more pixels are skipped undecoded ("image too large"), a guard
         against decompression bombs. PIL's own guard (twice its Image.MAX_IMAGE_PIXELS) still applies.
+    index: the shard index with sample counts (data_tools/verify_shards.py). "auto": the index.json
+        beside the shards, used when every shard is a local file and each shard directory has one;
+        a path (or URL): that index; None: none. With an index the train loader knows the samples
+        per epoch and splits shards across streams by sample count (see the module docstring); an
+        index must be written before a run starts and kept for it, since it decides the order.
     """
 
     shards: list[str]
@@ -88,6 +98,7 @@ class DataConfig:
     augment: bool = True
     color_augment: bool = True
     max_image_pixels: int = PIL_MAX_IMAGE_PIXELS
+    index: str | None = "auto"
 
     def __post_init__(self):
         if isinstance(self.shards, str):
@@ -105,6 +116,13 @@ class DataConfig:
             raise ValueError(f"DataConfig.shards: missing local shard files: {shown}")
         if not self.expanded_shards():
             raise ValueError("DataConfig.shards is empty: give at least one tar shard")
+        if self.index not in (None, "auto") and _is_local(self.index) and not os.path.isfile(self.index):
+            raise ValueError(f"DataConfig.index: no such file {self.index!r}; write it with "
+                             "`python data_tools/verify_shards.py DIR`, or use index=None")
+
+    def shard_counts(self, urls: list[str] | None = None) -> ShardCounts | None:
+        """Sample counts of the shards from the index (None without one); ValueError if it disagrees."""
+        return shard_counts(self.expanded_shards() if urls is None else urls, self.index)
 
     def expanded_shards(self) -> list[str]:
         """Shard list with brace notation and directories expanded, in the given order."""
@@ -116,8 +134,10 @@ def default_streams(world_size: int) -> int:
     return math.lcm(world_size, 8)
 
 
-def check_train_layout(n_shards: int, streams: int, world_size: int, global_batch: int) -> None:
-    """Raise ValueError, naming the fields and the fix, unless W | C, C | G and C <= shards."""
+def check_train_layout(n_shards: int, streams: int, world_size: int, global_batch: int,
+                       nonempty: int | None = None) -> None:
+    """Raise ValueError, naming the fields and the fix, unless W | C, C | G and C <= shards (and, where
+    an index gives `nonempty`, the shards holding samples)."""
     if streams % world_size:
         raise ValueError(f"DataConfig.streams={streams} is not a multiple of the world size {world_size}: "
                          f"each rank reads whole streams. Use streams={math.lcm(streams, world_size)} for a new "
@@ -131,6 +151,11 @@ def check_train_layout(n_shards: int, streams: int, world_size: int, global_batc
         raise ValueError(f"{n_shards} shard(s) for DataConfig.streams={streams}: every stream needs at least one "
                          f"shard per epoch. Write the data as at least {streams} shards, or (new runs only) use "
                          f"fewer streams (a multiple of the world size {world_size} dividing the global batch)")
+    if nonempty is not None and nonempty < streams:
+        raise ValueError(f"only {nonempty} of the {n_shards} shards hold samples (per the shard index) for "
+                         f"DataConfig.streams={streams}: the streams that get only empty shards would never yield "
+                         f"a sample. Remove the empty shards and re-write the data as at least {streams} non-empty "
+                         f"shards (then re-run verify_shards), or (new runs only) use fewer streams")
 
 
 def merge_positions(per_rank: list[dict]) -> dict[int, list[int]]:
@@ -169,8 +194,9 @@ def _caption(fields: dict[str, bytes]) -> str:
     return caption
 
 
-def _decode(fields: dict[str, bytes], transform, max_pixels: int, seed: int | None) -> tuple[torch.Tensor, str]:
-    """(image # (3, H, W), caption), or _Bad saying why not. `seed`: the transform's random draws."""
+def _decode(fields: dict[str, bytes], transform, max_pixels: int, seed: int | None) -> tuple[object, str]:
+    """(image, caption), or _Bad saying why not: image # (3, H, W) float, or for a TrainTransform its
+    prepared (uint8 crop, colour ops), which _images finishes into the batch. `seed`: the random draws."""
     ext = next((e for e in IMAGE_EXTS if e in fields), None)
     if ext is None:
         raise _Bad("missing image")
@@ -181,6 +207,8 @@ def _decode(fields: dict[str, bytes], transform, max_pixels: int, seed: int | No
             with Image.open(io.BytesIO(fields[ext])) as im:
                 if im.width * im.height > max_pixels:  # checked on the header, before decoding
                     raise _Bad("image too large", f"{im.width}x{im.height}")
+                if isinstance(transform, TrainTransform):  # decodes as it needs (maybe at reduced scale)
+                    return transform.prepare(im, seed, encoded=fields[ext]), caption
                 image = im.convert("RGB")  # forces the full decode, so truncated files fail here
     except Image.DecompressionBombError as e:  # over twice PIL's own limit, refused in Image.open
         raise _Bad("image too large", str(e)) from None
@@ -189,11 +217,7 @@ def _decode(fields: dict[str, bytes], transform, max_pixels: int, seed: int | No
     except Exception as e:  # PIL raises many types for bad bytes
         raise _Bad("undecodable image", f"{type(e).__name__}: {e}") from None
     try:
-        if seed is None:
-            return transform(image), caption
-        with torch.random.fork_rng(devices=[]):  # the caller's RNG is left as it was
-            torch.default_generator.manual_seed(seed)
-            return transform(image), caption
+        return transform(image), caption
     except Exception as e:  # e.g. a degenerate size the transform cannot handle
         raise _Bad("undecodable image", f"transform: {type(e).__name__}: {e}") from None
 
@@ -233,12 +257,48 @@ def _window_shuffled(url: str, start: int, window: int, seed_parts: tuple) -> It
             return
 
 
-class _Stream:
-    """Logical stream `index` of `n_streams`: good samples in stream order, and its position."""
+class _ShardPlan:
+    """Which shards each of `n_streams` streams reads in an epoch (see the module docstring): a function
+    of (seed, epoch, sample counts) only, so the same on every rank and worker and after a resume."""
 
-    def __init__(self, index: int, n_streams: int, urls: list[str], cfg: DataConfig, transform,
+    CACHED_EPOCHS = 4  # streams of one worker are at most an epoch or so apart
+
+    def __init__(self, n_shards: int, n_streams: int, seed: int, counts: ShardCounts | None):
+        self.n_shards, self.n_streams, self.seed, self.counts = n_shards, n_streams, seed, counts
+        self._splits: dict[int, list[list[int]]] = {}
+        self._warned: set[int] = set()
+
+    def shards(self, epoch: int, stream: int) -> list[int]:
+        """Indices (into the shard list) of `stream`'s shards in `epoch`, in reading order."""
+        if epoch not in self._splits:
+            order = list(range(self.n_shards))
+            random.Random(_seed_of(self.seed, epoch, "shards")).shuffle(order)
+            if self.counts is None:
+                split = [order[c::self.n_streams] for c in range(self.n_streams)]
+            else:
+                split = balanced_split(order, self.counts.samples, self.n_streams)
+            if len(self._splits) >= self.CACHED_EPOCHS:
+                del self._splits[min(self._splits)]
+            self._splits[epoch] = split
+        return self._splits[epoch][stream]
+
+    def check_read(self, shard: int, url: str, read: int) -> None:
+        """A shard was read to its clean end holding `read` samples: warn (once) if the index disagrees."""
+        expected = self.counts.raw[shard] if self.counts is not None else None
+        if expected is not None and read != expected and shard not in self._warned:
+            self._warned.add(shard)
+            log.warning("%s holds %d samples but the shard index says %d: the index is stale (the shard was "
+                        "rewritten after it). Epoch sizes and the stream balance follow the index until you re-run "
+                        "%s (before starting a run: the index decides the order)", url, read, expected,
+                        self.counts.refresh_hint())
+
+
+class _Stream:
+    """Logical stream `index` of the plan's streams: good samples in stream order, and its position."""
+
+    def __init__(self, index: int, plan: _ShardPlan, urls: list[str], cfg: DataConfig, transform,
                  position: list[int], epochs: int | None, skip_log: _SkipLog):
-        self.index, self.n_streams, self.urls, self.cfg, self.transform = index, n_streams, urls, cfg, transform
+        self.index, self.plan, self.urls, self.cfg, self.transform = index, plan, urls, cfg, transform
         self.epoch, self.shard, self.sample = position
         self.epochs, self.skip_log = epochs, skip_log
         self.exhausted = False
@@ -249,10 +309,8 @@ class _Stream:
         return [self.epoch, self.shard, self.sample]
 
     def shards(self, epoch: int) -> list[int]:
-        """Indices (into urls) of this stream's shards in `epoch`: one permutation, split C ways."""
-        order = list(range(len(self.urls)))
-        random.Random(_seed_of(self.cfg.seed, epoch, "shards")).shuffle(order)
-        return order[self.index::self.n_streams]
+        """Indices (into urls) of this stream's shards in `epoch`."""
+        return self.plan.shards(epoch, self.index)
 
     def _walk(self) -> Iterator[tuple[tuple | None, str | None]]:
         """(item, None) per good sample and (None, reason) per skip; the position is kept right after
@@ -282,6 +340,8 @@ class _Stream:
                     whole = False
                     barren.clear()
                     yield (f"{url}#{key}", image, caption), None
+                else:  # the shard's clean end (no ShardLost): self.sample is its sample count
+                    self.plan.check_read(index, url, self.sample)
                 if whole:
                     barren.add(index)
                     if len(barren) == len(self.urls) and self.epochs is None:  # endless, and nothing will come
@@ -304,17 +364,30 @@ class _Stream:
         return items, skipped
 
 
-def _collate(items: list, skipped: Counter, tokenizer, image_size: int, text_len: int) -> dict:
+def _images(images: list, transform, image_size: int) -> torch.Tensor:
+    """# (B, 3, H, W) float from the samples' images: a TrainTransform's prepared ones are finished
+    straight into the batch (no per-sample float tensors to copy), others stacked."""
+    if not images:
+        return torch.zeros(0, 3, image_size, image_size)
+    if not isinstance(transform, TrainTransform):
+        return torch.stack(images)
+    out = torch.empty(len(images), 3, image_size, image_size)
+    for row, (crop, ops) in zip(out, images):
+        transform.finish(crop, ops, out=row)
+    return out
+
+
+def _collate(items: list, skipped: Counter, tokenizer, text_len: int, images: torch.Tensor | None) -> dict:
     if items:
-        keys, images, captions = zip(*items)
+        keys, _, captions = zip(*items)
         tok = tokenizer(list(captions), padding="max_length", truncation=True, max_length=text_len,
                         return_tensors="pt")
-        images, ids, mask = torch.stack(images), tok["input_ids"].long(), tok["attention_mask"].long()
+        ids, mask = tok["input_ids"].long(), tok["attention_mask"].long()
     else:
-        keys, images = (), torch.zeros(0, 3, image_size, image_size)
-        ids = mask = torch.zeros(0, text_len, dtype=torch.long)
+        keys, ids, mask = (), torch.zeros(0, text_len, dtype=torch.long), torch.zeros(0, text_len, dtype=torch.long)
+    batch = {} if images is None else {"images": images}  # (B, 3, H, W)
     return {
-        "images": images,  # (B, 3, H, W)
+        **batch,
         "input_ids": ids,  # (B, L)
         "attention_mask": mask,  # (B, L)
         "keys": list(keys),
@@ -340,36 +413,44 @@ def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
 
 class _RankStreams(IterableDataset):
     """A rank's streams; worker j of n serves streams[j::n] and yields one item per step:
-    {"worker": j, "last": no more items after this one, "blocks": {stream: block dict}}."""
+    {"worker": j, "last": no more items after this one, "blocks": {stream: block dict},
+    "images": the blocks' images, one tensor in the blocks' (stream) order}."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, transform, urls: list[str], streams: list[int], n_streams: int,
+    def __init__(self, cfg: DataConfig, tokenizer, transform, urls: list[str], streams: list[int], plan: _ShardPlan,
                  block_size: int, start: dict[int, list[int]], epochs: int | None):
         self.cfg, self.tokenizer, self.transform, self.urls = cfg, tokenizer, transform, urls
-        self.streams, self.n_streams, self.block_size, self.start, self.epochs = \
-            streams, n_streams, block_size, start, epochs
+        self.streams, self.plan, self.block_size, self.start, self.epochs = streams, plan, block_size, start, epochs
 
     def __iter__(self):
         worker, n_workers = _worker()
         skip_log = _SkipLog()
-        mine = [_Stream(c, self.n_streams, self.urls, self.cfg, self.transform, self.start[c], self.epochs, skip_log)
+        mine = [_Stream(c, self.plan, self.urls, self.cfg, self.transform, self.start[c], self.epochs, skip_log)
                 for c in self.streams[worker::n_workers]]
         while True:
-            blocks = {}
+            blocks, images = {}, []
             for s in mine:
                 items, skipped = s.block(self.block_size)
-                blocks[s.index] = _collate(items, skipped, self.tokenizer, self.cfg.image_size, self.cfg.max_text_len)
+                images += [item[1] for item in items]
+                blocks[s.index] = _collate(items, skipped, self.tokenizer, self.cfg.max_text_len, None)
                 blocks[s.index]["position"] = s.position
             last = all(s.exhausted for s in mine)
-            yield {"worker": worker, "last": last, "blocks": blocks}
+            images = _images(images, self.transform, self.cfg.image_size)  # one float write per pixel
+            yield {"worker": worker, "last": last, "blocks": blocks, "images": images}
             if last:
                 return
 
 
 class TrainLoader:
-    """Step batches of one rank, one per optimizer step (see make_train_loader)."""
+    """Step batches of one rank, one per optimizer step (see make_train_loader).
 
-    def __init__(self, dataset: _RankStreams, num_workers: int):
+    samples_per_epoch: good samples in one epoch of all streams, from the shard index (None without
+    one); steps_per_epoch: samples_per_epoch / global batch."""
+
+    def __init__(self, dataset: _RankStreams, num_workers: int, global_batch: int):
         self.dataset, self.num_workers = dataset, num_workers
+        counts = dataset.plan.counts
+        self.samples_per_epoch = counts.total if counts is not None else None
+        self.steps_per_epoch = self.samples_per_epoch / global_batch if counts is not None else None
 
     def __iter__(self) -> Iterator[dict]:
         loader = _loader(self.dataset, self.num_workers)
@@ -384,12 +465,20 @@ class TrainLoader:
                 raise RuntimeError(f"data workers out of step: expected items of {active}, got {[g['worker'] for g in got]}")
             blocks = {c: b for g in got for c, b in g["blocks"].items()}
             parts = [blocks[c] for c in streams if c in blocks]  # stream order = global batch order
+            if len(got) == 1:  # one worker's blocks: already one tensor in stream order
+                images = got[0]["images"]
+            else:
+                for g in got:
+                    at = 0
+                    for b in g["blocks"].values():
+                        b["images"], at = g["images"][at:at + len(b["keys"])], at + len(b["keys"])
+                images = torch.cat([b["images"] for b in parts])
             skipped = Counter()
             for c, b in blocks.items():
                 skipped.update(b["skipped"])
                 position[c] = b["position"]
             yield {
-                "images": torch.cat([b["images"] for b in parts]),  # (G/W, 3, H, W)
+                "images": images,  # (G/W, 3, H, W)
                 "input_ids": torch.cat([b["input_ids"] for b in parts]),  # (G/W, L)
                 "attention_mask": torch.cat([b["attention_mask"] for b in parts]),  # (G/W, L)
                 "keys": [k for b in parts for k in b["keys"]],
@@ -422,6 +511,8 @@ def make_train_loader(cfg: DataConfig, tokenizer, rank: int, world_size: int, *,
     resume from; any world size dividing the streams count works. With `epochs`, each stream stops
     after that many epochs (counted from 0) and the last steps are short, so every sample of the
     rank's streams is delivered; ranks may then end at different steps.
+    With a shard index (cfg.index) shards are split across streams by sample count and the loader's
+    samples_per_epoch / steps_per_epoch are known (rank 0 logs them).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
@@ -430,7 +521,12 @@ def make_train_loader(cfg: DataConfig, tokenizer, rank: int, world_size: int, *,
         n_streams = cfg.streams
     else:
         n_streams = len(position) if position else default_streams(world_size)
-    check_train_layout(len(urls), n_streams, world_size, global_batch)
+    counts = cfg.shard_counts(urls)
+    check_train_layout(len(urls), n_streams, world_size, global_batch,
+                       nonempty=sum(n > 0 for n in counts.samples) if counts is not None else None)
+    plan = _ShardPlan(len(urls), n_streams, cfg.seed, counts)
+    if rank == 0:
+        _log_plan(plan, global_batch)
     start = _start_positions(position, n_streams)
     per_rank = n_streams // world_size
     streams = list(range(rank * per_rank, (rank + 1) * per_rank))
@@ -438,9 +534,20 @@ def make_train_loader(cfg: DataConfig, tokenizer, rank: int, world_size: int, *,
         transform = train_transform(cfg.image_size, color_augment=cfg.color_augment)
     else:
         transform = eval_transform(cfg.image_size)
-    dataset = _RankStreams(cfg, tokenizer, transform, urls, streams, n_streams, global_batch // n_streams,
-                           start, epochs)
-    return TrainLoader(dataset, min(cfg.num_workers, per_rank))
+    dataset = _RankStreams(cfg, tokenizer, transform, urls, streams, plan, global_batch // n_streams, start, epochs)
+    return TrainLoader(dataset, min(cfg.num_workers, per_rank), global_batch)
+
+
+def _log_plan(plan: _ShardPlan, global_batch: int) -> None:
+    counts = plan.counts
+    if counts is None:
+        log.info("%d shards, %d data streams, no shard index: shards are split round robin and the epoch size is "
+                 "unknown (write one with data_tools/verify_shards.py)", plan.n_shards, plan.n_streams)
+        return
+    totals = [sum(counts.samples[s] for s in plan.shards(0, c)) for c in range(plan.n_streams)]
+    log.info("shard index %s: %d shards, %d samples per epoch (%.1f steps of global batch %d); %d data streams "
+             "balanced by sample count: %d..%d samples each in epoch 0", ", ".join(counts.paths), plan.n_shards,
+             counts.total, counts.total / global_batch, global_batch, plan.n_streams, min(totals), max(totals))
 
 
 class _EvalPass(IterableDataset):
@@ -469,10 +576,14 @@ class _EvalPass(IterableDataset):
                     continue
                 pending.append((f"{url}#{key}", image, caption))
                 if len(pending) == cfg.batch_size:
-                    yield _collate(pending, skipped, self.tokenizer, cfg.image_size, cfg.max_text_len)
+                    yield self._batch(pending, skipped)
                     pending, skipped = [], Counter()
         if pending or skipped:
-            yield _collate(pending, skipped, self.tokenizer, cfg.image_size, cfg.max_text_len)
+            yield self._batch(pending, skipped)
+
+    def _batch(self, pending: list, skipped: Counter) -> dict:
+        images = _images([item[1] for item in pending], self.transform, self.cfg.image_size)
+        return _collate(pending, skipped, self.tokenizer, self.cfg.max_text_len, images)
 
 
 def make_eval_loader(cfg: DataConfig, tokenizer) -> DataLoader:
