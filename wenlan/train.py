@@ -278,9 +278,13 @@ def run(cfg: TrainConfig) -> dict:
                           lr=engine.get_lr()[0], temperature=totals[2].item() / last_ranks,
                           samples_per_s=window["samples"] / elapsed, data_wait=window["data"] / elapsed,
                           skipped_samples=int(totals[0].item()))
+            grad_norm = engine.get_global_grad_norm()  # before clipping; ZeRO-0 engines do not record it
+            if grad_norm is not None:
+                logged["grad_norm"] = float(grad_norm)
             if is_main:
+                grad = f"grad-norm {logged['grad_norm']:.3g}  " if "grad_norm" in logged else ""
                 print(f"step {step:>6}/{cfg.max_steps}  loss {logged['loss']:.4f}  acc {logged['acc_i2t']:.3f}  "
-                      f"lr {logged['lr']:.2e}  T {logged['temperature']:.4f}  "
+                      f"lr {logged['lr']:.2e}  {grad}T {logged['temperature']:.4f}  "
                       f"{logged['samples_per_s']:.0f} samples/s  data-wait {100 * logged['data_wait']:.0f}%"
                       + (f"  skipped {logged['skipped_samples']}" if logged["skipped_samples"] else ""),
                       flush=True)
