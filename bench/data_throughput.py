@@ -1,10 +1,10 @@
 """Data throughput per process, measured side by side on the same shards in one run.
 
-1. Loader: the project's training loader (wenlan.data: tar read, full decode, BriVL train augmentation
+1. Loader: the project's training loader (wenlan.data: tar read, decode, BriVL train augmentation
    with colour jitter, tokenisation, collation), one process, samples/s.
 2. Decode-only floor: the same tars read and decoded with nothing else, by PIL (full decode), PIL with
-   draft() (JPEG DCT-domain downscale to the training size) and torchvision.io.decode_jpeg; the
-   fastest is the floor. Prints loader / floor (target >= 0.6: augmentation and tokenisation should
+   draft() (JPEG DCT-domain downscale to the training size), torchvision.io.decode_jpeg and simplejpeg
+   (libjpeg-turbo, full scale); the fastest is the floor. Prints loader / floor (target >= 0.6: augmentation and tokenisation should
    not cost more than the decode itself... or the loader should decode smarter).
 3. make_shards: rows/s of one process turning local JPEGs into shards, keeping the original bytes
    (images within --max-side) and re-encoding them (--max-side smaller than the images).
@@ -96,6 +96,12 @@ def decode_pil_draft(data: bytes, size: int):
     return im.convert("RGB")
 
 
+def decode_simplejpeg(data: bytes, size: int):
+    import simplejpeg
+
+    return simplejpeg.decode_jpeg(data, colorspace="RGB")
+
+
 def decode_torchvision(data: bytes, size: int):
     from torchvision.io import decode_jpeg
 
@@ -154,14 +160,21 @@ def loader_rate(shards: list[Path], tokenizer, image_size: int, batch: int) -> f
     return n / (time.process_time() - t0)
 
 
-def reduced_share(shards: list[Path], transform) -> float:
-    """Share of the samples whose random crop is >= 2x the train size on both sides, which the train
-    transform decodes at 1/2 scale or less (crops drawn with seeds 0, 1, ... as a stand-in for the loader's)."""
+def decoded_share(shards: list[Path], transform) -> tuple[float, float]:
+    """(share of the samples decoded below full scale, mean share of the pixels decoded) by the train
+    transform, for crops drawn with seeds 0, 1, ... as a stand-in for the loader's."""
     import random
 
-    sizes = [Image.open(io.BytesIO(s["jpg"])).size for shard in shards for s in read_samples(shard)]
-    boxes = [transform.crop_box(random.Random(i), h, w) for i, (w, h) in enumerate(sizes)]
-    return sum(min(b[2], b[3]) >= 2 * transform.size for b in boxes) / len(boxes)
+    import simplejpeg
+
+    scaled, pixels, n = 0, 0.0, 0
+    for shard in shards:
+        for sample in read_samples(shard):
+            height, width = simplejpeg.decode_jpeg_header(sample["jpg"])[:2]
+            _, _, h, w = transform.crop_box(random.Random(n), height, width)
+            k = transform.decode_eighths(h, w)
+            scaled, pixels, n = scaled + (k < 8), pixels + (k / 8) ** 2, n + 1
+    return scaled / n, pixels / n
 
 
 def hours(seconds: float) -> str:
@@ -193,7 +206,7 @@ def main() -> None:
         from wenlan.data.transforms import train_transform
 
         decoders = {"PIL full decode": decode_pil, "PIL draft()": decode_pil_draft,
-                    "torchvision.io.decode_jpeg": decode_torchvision}
+                    "torchvision.io.decode_jpeg": decode_torchvision, "simplejpeg (libjpeg-turbo)": decode_simplejpeg}
         parts = {"decode + train_transform (colour on)": train_transform(a.image_size, color_augment=True),
                  "decode + train_transform (colour off)": train_transform(a.image_size, color_augment=False)}
         rates = {name: [] for name in ["loader", *decoders, *parts, "tokenise"]}
@@ -207,7 +220,7 @@ def main() -> None:
                 rates[name].append(augment_rate(shards, transform, a.image_size))
             rates["tokenise"].append(tokenise_rate(all_captions, tokenizer, a.batch))
         mean_kb = np.mean([len(s["jpg"]) for s in read_samples(shards[0])]) / 1024
-        reduced = reduced_share(shards, train_transform(a.image_size))
+        scaled, decoded_pixels = decoded_share(shards, train_transform(a.image_size))
 
     med = {k: statistics.median(v) for k, v in rates.items()}
     floor_name = max(decoders, key=lambda k: med[k])
@@ -219,7 +232,7 @@ def main() -> None:
     print(f"data: {a.images} synthetic JPEGs, 400-640 px long side, mean {mean_kb:.0f} KB; train size {a.image_size}; "
           f"median of {a.rounds} rounds; rates per CPU-second of one process")
     print(f"loader (tar read + decode + augment + tokenise + collate): {med['loader']:8.1f} samples/s per process "
-          f"({reduced:.0%} of the crops allow a reduced-scale decode)")
+          f"({scaled:.0%} of the crops decoded at reduced scale, {decoded_pixels:.0%} of the pixels decoded)")
     for name in decoders:
         mark = "  <- floor" if name == floor_name else ""
         print(f"decode only, {name:28s}: {med[name]:8.1f} samples/s per process{mark}")

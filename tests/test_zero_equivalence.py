@@ -128,3 +128,17 @@ def test_reshard_then_resume_on_another_world_size(runs, data, tmp_path, source,
     assert "resumed from converted checkpoint" in proc.stdout + proc.stderr
     assert "step      7/10" in proc.stdout and "step      6/10" not in proc.stdout
     assert_close_per_tensor(exported(runs["zero0-1rank"]), exported(out), f"{source} -> {ranks} rank(s)")
+
+
+def test_vit_backbone_under_zero3_equals_one_rank(data, tmp_path):
+    """The 1b/10b presets' image path (a timm ViT, whose class token and position embedding are
+    parameters of the timm model itself, not of a submodule) at tiny size: 2-rank ZeRO-3 ends where
+    1-rank ZeRO-0 ends."""
+    outs = {}
+    for name, ranks, stage, accum in (("zero0", 1, 0, 2), ("zero3", 2, 3, 1)):
+        outs[name] = tmp_path / name
+        args = equivalence_args(data, outs[name], ds_config(tmp_path, stage, GLOBAL_BATCH // 2, accum), 4, QUEUE)
+        launch(ranks, [*args, "--preset", "tiny-vit"])
+    reference = exported(outs["zero0"])
+    assert reference["image_tower.backbone.net.pos_embed"].shape == (1, 17, 64)  # 4 x 4 patches + class token
+    assert_close_per_tensor(reference, exported(outs["zero3"]), "ViT under ZeRO-3")

@@ -26,7 +26,7 @@ log = logging.getLogger("wenlan.train")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Pre-train BriVL with DeepSpeed.")
     p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON (see ds_configs/)")
-    p.add_argument("--preset", required=True, help="tiny | base | 1b | 10b | brivl-1.0")
+    p.add_argument("--preset", required=True, help="tiny | tiny-vit | base | 1b | 10b | brivl-1.0")
     p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer directory")
     p.add_argument("--train-shards", nargs="+", required=True, help="webdataset shards (brace notation ok)")
     p.add_argument("--val-shards", nargs="+", required=True)

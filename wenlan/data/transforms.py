@@ -4,10 +4,10 @@ Both give a float tensor # (3, image_size, image_size) in ImageNet normalisation
 are ImageNet-pretrained).
 
 The training transform is built for throughput, since it runs on every sample of every epoch:
-- The random resized crop is drawn from the image header before decoding. A JPEG whose crop is at
-  least 2x (4x, 8x) the output size is decoded at 1/2 (1/4, 1/8) scale in the DCT domain
-  (PIL draft()), which costs a fraction of a full decode and never has to upscale; other JPEGs go
-  through torchvision's libjpeg-turbo decoder straight into a uint8 tensor; other formats through PIL.
+- The random resized crop is drawn from the image header before decoding. A JPEG is decoded by
+  libjpeg-turbo (simplejpeg) straight into a uint8 array, at 1/2, 1/4 or 1/8 scale in the DCT domain
+  when the crop is at least 2x (4x, 8x) the output size, so no crop is upscaled that a full decode
+  would not upscale. Other formats (and JPEGs libjpeg-turbo refuses) go through PIL.
 - Crop + resize is one antialiased bilinear interpolation of the uint8 crop (torch's vectorised uint8
   kernel), so everything after it touches image_size^2 pixels only.
 - Colour jitter, grayscale and the normalisation are one affine colour transform: each of them is an
@@ -30,6 +30,7 @@ import random
 import warnings
 
 import numpy as np
+import simplejpeg
 import torch
 import torch.nn.functional as nnf
 from PIL import Image
@@ -127,33 +128,38 @@ class TrainTransform:
         return ops
 
     # ------------------------------------------------------------------ pixels
+    def decode_eighths(self, h: int, w: int) -> int:
+        """k: a JPEG whose crop is h x w is decoded at scale k/8, the smallest of 1/8, 1/4, 1/2, 1 at
+        which the crop still covers the output. libjpeg-turbo's SIMD inverse DCTs are those four; its
+        3/8, 5/8, 6/8 and 7/8 ones cost more than a full decode."""
+        k = 8
+        while k > 1 and min(h, w) * (k // 2) >= 8 * self.size:
+            k //= 2
+        return k
+
     def _pixels(self, image: Image.Image, encoded: bytes | None, box: tuple) -> tuple[torch.Tensor, tuple]:
-        """uint8 # (3, H', W') holding the crop box (rescaled to it if decoded at reduced scale)."""
+        """uint8 # (3, H', W') holding the crop box, and the box in its coordinates.
+
+        A JPEG (given its bytes) is decoded by libjpeg-turbo at scale ``decode_eighths(h, w) / 8``, so
+        the resize after it never upscales what a full decode would not; anything else (or a JPEG
+        libjpeg-turbo refuses, e.g. CMYK) is decoded by PIL."""
         top, left, h, w = box
         width, height = image.size
-        if image.format == "JPEG" and image.tile:  # not decoded yet
-            k = 8
-            while k > 1 and min(h, w) // k < self.size:
-                k //= 2
-            if k > 1:  # the crop still covers the output at 1/k scale: decode in the DCT domain
-                image.draft("RGB", (width // k, height // k))
-                rgb = image if image.mode == "RGB" else image.convert("RGB")
-                rgb.load()
-                sx, sy = rgb.width / width, rgb.height / height  # the box at that scale, to the nearest pixel
-                top2, left2 = min(round(top * sy), rgb.height - 1), min(round(left * sx), rgb.width - 1)
-                box = (top2, left2, max(1, min(rgb.height, round((top + h) * sy)) - top2),
-                       max(1, min(rgb.width, round((left + w) * sx)) - left2))
-                return _hwc(rgb), box
-            if encoded is not None:
-                from torchvision.io import ImageReadMode, decode_jpeg
-
-                try:
-                    pixels = decode_jpeg(torch.frombuffer(bytearray(encoded), dtype=torch.uint8),
-                                         mode=ImageReadMode.RGB)  # (3, H, W)
-                    if pixels.shape[1:] == (height, width):
-                        return pixels, box
-                except RuntimeError:
-                    pass  # PIL decodes it below, or says why it cannot
+        if image.format == "JPEG" and encoded is not None:
+            k = self.decode_eighths(h, w)
+            try:
+                rgb = simplejpeg.decode_jpeg(encoded, colorspace="RGB", min_height=math.ceil(height * k / 8),
+                                             min_width=math.ceil(width * k / 8))  # (H', W', 3)
+            except ValueError:
+                rgb = None  # PIL decodes it below, or says why it cannot
+            if rgb is not None:
+                pixels = torch.from_numpy(rgb).permute(2, 0, 1)  # (3, H', W'), channels-last in memory
+                if rgb.shape[:2] != (height, width):  # the box at that scale, to the nearest pixel
+                    sy, sx = rgb.shape[0] / height, rgb.shape[1] / width
+                    top2, left2 = min(round(top * sy), rgb.shape[0] - 1), min(round(left * sx), rgb.shape[1] - 1)
+                    box = (top2, left2, max(1, min(rgb.shape[0], round((top + h) * sy)) - top2),
+                           max(1, min(rgb.shape[1], round((left + w) * sx)) - left2))
+                return pixels, box
         return _hwc(image.convert("RGB")), box
 
     def finish(self, crop: torch.Tensor, ops: list, out: torch.Tensor | None = None) -> torch.Tensor:

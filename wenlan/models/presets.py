@@ -26,6 +26,14 @@ PRESETS: dict[str, ModelConfig] = {
         text=TextTowerConfig(vocab_size=2048, hidden=128, bert_layers=2, bert_heads=2, bert_ffn=256,
                              max_len=32, layers=2, heads=4, ffn_dim=256, dropout=0.0),
         embed_dim=128),
+    # The tiny preset with a ViT backbone: the 1b/10b image path (patch tokens, class token and position
+    # embedding as parameters of the timm model itself) at CPU-test size.
+    "tiny-vit": ModelConfig(
+        image=ImageTowerConfig(backbone="vit_base_patch16_224", backbone_kwargs=_vit(64, 2, 2),
+                               image_size=64, grid=3, dim=128, layers=2, heads=4, ffn_dim=256, dropout=0.0),
+        text=TextTowerConfig(vocab_size=2048, hidden=128, bert_layers=2, bert_heads=2, bert_ffn=256,
+                             max_len=32, layers=2, heads=4, ffn_dim=256, dropout=0.0),
+        embed_dim=128),
     "base": ModelConfig(
         image=ImageTowerConfig(backbone="tf_efficientnet_b3", image_size=300, grid=6, dim=1024, layers=2,
                                heads=8, ffn_dim=2048),
