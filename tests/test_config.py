@@ -42,7 +42,7 @@ def test_valid_config_resolves(tiny_data, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"--preset": "huge"}, "--preset: unknown preset 'huge'; choose one of tiny, base, 1b, 10b, brivl-1.0"),
+    ({"--preset": "huge"}, "--preset: unknown preset 'huge'; choose one of tiny, tiny-vit, base, 1b, 10b, brivl-1.0"),
     ({"--queue-size": "100"}, "queue_size=100 is not a multiple of the global batch 16"),
     ({"--queue-size": "100"}, "use --queue-size 96"),
     ({"--train-shards": "nowhere/train-{0..1}.tar"}, "--train-shards: shard not found: nowhere/train-0.tar"),

@@ -61,7 +61,7 @@ def test_presets_cli_json_counts_on_meta_device():
     out = subprocess.run([sys.executable, "-m", "wenlan.models.presets", "--json"], capture_output=True,
                          text=True, check=True)
     counts = json.loads(out.stdout)
-    assert set(counts) == {"tiny", "base", "1b", "10b", "brivl-1.0"}
+    assert set(counts) == {"tiny", "tiny-vit", "base", "1b", "10b", "brivl-1.0"}
     assert 0.9e10 <= counts["10b"]["online_trainable"] <= 1.1e10
     assert set(counts["10b"]) == {"online_trainable", "frozen", "momentum", "total"}
 
