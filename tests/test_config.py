@@ -56,6 +56,8 @@ def test_valid_config_resolves(tiny_data, tmp_path, monkeypatch):
      "pipeline.stages=2 with zero_optimization.stage=3: DeepSpeed's pipeline engine supports ZeRO-0/1 only"),
     ({"ds": {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 1}, "pipeline": {"stages": 3}}},
      "pipeline.stages=3 does not divide the 2 ranks; launch a multiple of 3 processes"),
+    ({"ds": {"train_micro_batch_size_per_gpu": 8, "pipeline": {"stages": 2, "partition_method": "uniform"}}},
+     "pipeline.partition_method='uniform' is not one of parameters, flops; use \"parameters\" or \"flops\""),
     # 2 ranks in 2 stages leave one data-parallel rank: the batch arithmetic counts that one.
     ({"ds": {"train_batch_size": 12, "train_micro_batch_size_per_gpu": 8, "pipeline": {"stages": 2}}},
      "train_batch_size=12 != train_micro_batch_size_per_gpu=8 x gradient_accumulation_steps=1 x data-parallel size 1"),
@@ -108,3 +110,22 @@ def test_shipped_pipeline_configs_resolve(tiny_data, tmp_path, monkeypatch, conf
     ds = cfg.deepspeed_config
     assert cfg.batch.pipeline_stages == stages and cfg.batch.world_size == world // stages
     assert cfg.batch.global_batch == (world // stages) * ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
+
+
+def test_pipeline_stages_balance_flops_not_parameters():
+    """1b preset, 4 stages, counted on the meta device: "flops" evens out the stages' forward FLOPs;
+    balancing parameters (the default) would leave the image stages a third slower (a ViT block does
+    ~2.5x the FLOPs per parameter of a BERT layer)."""
+    from wenlan.losses.objective import ObjectiveConfig
+    from wenlan.models.presets import get_preset
+    from wenlan.parallel.pipeline import check_stages
+
+    def stage_flops(parts, flops):
+        return [sum(flops[a:b]) for a, b in zip(parts[:-1], parts[1:])]
+
+    parts, flops = check_stages(get_preset("1b"), ObjectiveConfig(), 4, "flops")
+    by_params, _ = check_stages(get_preset("1b"), ObjectiveConfig(), 4)
+    assert len(flops) == 67 and flops[1] == flops[2] > flops[40] == flops[41] > 0  # ViT block > BERT layer
+    balanced, unbalanced = stage_flops(parts, flops), stage_flops(by_params, flops)
+    assert max(balanced) / (sum(balanced) / 4) < 1.05
+    assert max(unbalanced) / (sum(unbalanced) / 4) > 1.3

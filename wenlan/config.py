@@ -124,7 +124,7 @@ def batch_from_deepspeed(ds: dict, world_size: int) -> BatchConfig:
 
 def check_pipeline(ds: dict, zero_stage: int, world_size: int) -> int:
     """``pipeline.stages`` of a DeepSpeed config, checked against ZeRO and the world size."""
-    from wenlan.parallel.pipeline import pipeline_stages
+    from wenlan.parallel.pipeline import PARTITION_METHODS, partition_method, pipeline_stages
 
     try:
         stages = pipeline_stages(ds)
@@ -137,6 +137,9 @@ def check_pipeline(ds: dict, zero_stage: int, world_size: int) -> int:
         raise ValueError(f"DeepSpeed config: pipeline.stages={stages} with zero_optimization.stage={zero_stage}: "
                          "DeepSpeed's pipeline engine supports ZeRO-0/1 only; use stage 1, or drop the pipeline "
                          "section and use ZeRO-3 (ds_configs/zero3_10b.json)")
+    if partition_method(ds) not in PARTITION_METHODS:
+        raise ValueError(f"DeepSpeed config: pipeline.partition_method={partition_method(ds)!r} is not one of "
+                         f"{', '.join(PARTITION_METHODS)}; use \"parameters\" or \"flops\" (forward FLOPs per layer)")
     if world_size % stages:
         raise ValueError(f"DeepSpeed config: pipeline.stages={stages} does not divide the {world_size} ranks; "
                          f"launch a multiple of {stages} processes")
@@ -179,9 +182,9 @@ def resolve(args) -> TrainConfig:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     stages = check_pipeline(ds, stage, world_size)
     if stages > 1:
-        from wenlan.parallel.pipeline import check_stages
+        from wenlan.parallel.pipeline import check_stages, partition_method
 
-        check_stages(model, objective, stages)
+        check_stages(model, objective, stages, partition_method(ds))
     world_size //= stages  # data-parallel ranks: each pipeline holds one model replica
     batch = batch_from_deepspeed(ds, world_size)
     batch.pipeline_stages = stages

@@ -272,7 +272,9 @@ class TextTower(nn.Module):
 
         def layer_block(layer):
             def run(x, input_ids, attention_mask):
-                mask = create_bidirectional_mask(config=bert.config, inputs_embeds=x, attention_mask=attention_mask)
+                # On the meta device (counting FLOPs) there are no mask values for the no-padding shortcut to read.
+                mask = create_bidirectional_mask(config=bert.config, inputs_embeds=x, attention_mask=attention_mask,
+                                                 allow_is_bidirectional_skip=not x.is_meta)
                 return layer(x, mask)
             return run
 

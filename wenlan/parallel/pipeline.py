@@ -4,9 +4,15 @@ The model is not rewritten for the pipeline: a BriVL is built from the same pres
 engines (its parameters on the meta device, so no rank holds the whole model), and each tower's
 ``blocks()`` become pipeline layers in order: image stem, image blocks, region pooling, image attention
 layers, image head, text embeddings, BERT layers, text attention layers, text head, then the objective.
-DeepSpeed's partitioner balances the layers over the stages by trainable parameters; each rank then
-allocates and initialises only its own stage's layers (``init_module_`` seeds by module name, so the
-weights equal a plain build's).
+DeepSpeed's partitioner balances the layers over the stages by a per-layer cost
+(``pipeline.partition_method``): trainable parameters ("parameters", DeepSpeed's method, the default)
+or the layer's forward FLOPs for one sample counted on the meta device ("flops"). Parameters are a poor
+proxy for time in a two-tower transformer: in the 1b preset a ViT block does 808 FLOPs per parameter
+on its 197 tokens and a BERT layer 324 on its 80, and the text embeddings hold 22M parameters and do
+no matmul, so ``pipe_10b.json`` asks for "flops". FLOPs in turn undercount memory-bound layers
+(depthwise convolutions, GroupNorm): the tiny CNN preset's stages are closer in time by parameters.
+Each rank then allocates and initialises only its own stage's layers (``init_module_`` seeds by module
+name, so the weights equal a plain build's).
 
 Each layer holds one block of the online tower AND the same block of its momentum copy, so the EMA
 update stays local to a stage. Between stages a layer's output carries, per modality, one float tensor
@@ -34,10 +40,18 @@ from wenlan.models.init import init_module_
 SEPARATOR = "__"  # a layer registers model.image_tower.head as model__image_tower__head
 
 
+PARTITION_METHODS = ("parameters", "flops")
+
+
 def pipeline_stages(ds_config: dict) -> int:
     """Pipeline stages asked for by a DeepSpeed config's ``pipeline.stages`` (1: no pipeline)."""
     stages = ds_config.get("pipeline", {}).get("stages", 1)
     return 1 if stages in (None, "auto") else int(stages)
+
+
+def partition_method(ds_config: dict) -> str:
+    """What the stages balance, from ``pipeline.partition_method``: "parameters" (default) or "flops"."""
+    return ds_config.get("pipeline", {}).get("partition_method", "parameters")
 
 
 def plain_name(layer_key: str) -> str:
@@ -185,25 +199,44 @@ def pipeline_layers(model: BriVL, objective: ObjectiveLayer) -> list[nn.Module]:
             for i in range(len(getattr(model, f"{kind}_tower").blocks()))] + [objective]
 
 
-def balanced_parts(layers: list[nn.Module], stages: int) -> list[int]:
-    """Stage boundaries by DeepSpeed's "parameters" method: balanced trainable parameter counts."""
+def layer_costs(layers: list[nn.Module], model_cfg, method: str) -> list[int]:
+    """What the partitioner balances, per layer of a model on the meta device: its trainable parameter
+    count ("parameters"), or the FLOPs of its forward for one sample ("flops"; online and momentum
+    halves, so the backward, about twice the online forward in every layer, keeps the same ranking)."""
+    if method == "parameters":
+        return [sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in layers]
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size, length = model_cfg.image.image_size, model_cfg.text.max_len
+    acts = (torch.zeros(1, 3, size, size, device="meta"), torch.zeros(1, length, dtype=torch.long, device="meta"),
+            torch.ones(1, length, dtype=torch.long, device="meta"))
+    costs = []
+    for layer in layers:
+        with FlopCounterMode(display=False) as counter:
+            acts = layer(acts)
+        costs.append(counter.get_total_flops())
+    return costs
+
+
+def balanced_parts(costs: list[int], stages: int) -> list[int]:
+    """Stage boundaries with balanced summed costs (DeepSpeed's partition_balanced)."""
     from deepspeed.runtime.utils import partition_balanced
 
-    counts = [sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in layers]
-    parts = partition_balanced(weights=counts, num_parts=stages)
+    parts = partition_balanced(weights=costs, num_parts=stages)
     if any(parts[s] == parts[s + 1] for s in range(stages)):
-        raise ValueError(f"pipeline.stages={stages}: the model has {len(layers)} pipeline layers and some stage "
-                         "would get none of their parameters; use fewer stages")
+        raise ValueError(f"pipeline.stages={stages}: the model has {len(costs)} pipeline layers and some stage "
+                         "would get none of them; use fewer stages")
     return parts
 
 
-def check_stages(model_cfg, objective_cfg, stages: int) -> list[int]:
-    """The stage boundaries ``build_pipeline`` will use, from a model on the meta device: a layout that
-    cannot work fails here, before any process group starts."""
+def check_stages(model_cfg, objective_cfg, stages: int, method: str = "parameters") -> tuple[list[int], list[int]]:
+    """(stage boundaries, per-layer costs) that ``build_pipeline`` will use, from a model on the meta
+    device: a layout that cannot work fails here, before any process group starts."""
     with torch.device("meta"):
         model = BriVL(model_cfg, momentum=objective_cfg.name == "brivl")
         objective = ObjectiveLayer(objective_cfg, model_cfg.embed_dim)
-    return balanced_parts(pipeline_layers(model, objective), stages)
+    costs = layer_costs(pipeline_layers(model, objective), model_cfg, method)
+    return balanced_parts(costs, stages), costs
 
 
 def build_pipeline(cfg, stages: int):
@@ -220,7 +253,7 @@ def build_pipeline(cfg, stages: int):
     with contextlib.nullcontext() if last else torch.device("meta"):
         objective = ObjectiveLayer(cfg.objective, cfg.model.embed_dim, group=dp_group if last else None)
     layers = pipeline_layers(model, objective)
-    parts = balanced_parts(layers, stages)
+    parts, costs = check_stages(cfg.model, cfg.objective, stages, partition_method(cfg.deepspeed_config))
     local = layers[parts[stage]:parts[stage + 1]]
     device = torch.device("cpu")
     for layer in local:
@@ -233,9 +266,15 @@ def build_pipeline(cfg, stages: int):
                and torch.isnan(p).any()]
         if bad:
             raise RuntimeError(f"parameters without an initialisation rule (wenlan.models.init): {bad[:5]}")
-    pipe = PipelineModule(layers=layers, num_stages=stages, loss_fn=objective.loss, partition_method="parameters",
-                          activation_checkpoint_interval=cfg.deepspeed_config.get("pipeline", {}).get(
-                              "activation_checkpoint_interval", 0))
+    class CostBalanced(PipelineModule):
+        """DeepSpeed's "parameters" partitioning, fed our per-layer costs instead of parameter counts."""
+
+        def _count_layer_params(self):
+            return costs
+
+    pipe = CostBalanced(layers=layers, num_stages=stages, loss_fn=objective.loss, partition_method="parameters",
+                        activation_checkpoint_interval=cfg.deepspeed_config.get("pipeline", {}).get(
+                            "activation_checkpoint_interval", 0))
     if list(pipe.parts) != list(parts) or pipe.stage_id != stage:
         raise RuntimeError(f"pipeline partition differs from DeepSpeed's: {parts} vs {pipe.parts}")
     pairs = [pair for layer in local if isinstance(layer, TowerLayer) for pair in layer.named_momentum_pairs()]
