@@ -81,8 +81,8 @@ def run_until_killed(args: list[str], kill_at: int, ranks: int = 2) -> None:
         proc.stdout.close()
 
 
-def equivalence_args(data: Path, out: Path, ds: str, steps: int, queue: int) -> list[str]:
-    """train.py arguments of the equivalence tests: tiny preset on 8 demo shards in 4 streams, a log line
+def equivalence_args(data: Path, out: Path, ds: str, steps: int, queue: int, preset: str = "tiny") -> list[str]:
+    """train.py arguments of the equivalence tests: a tiny preset on 8 demo shards in 4 streams, a log line
     and a queue check every step, a checkpoint every 2 steps, MLflow next to the run.
 
     Without colour jitter, as the demo trains on these shards (their captions name colours). The
@@ -92,7 +92,7 @@ def equivalence_args(data: Path, out: Path, ds: str, steps: int, queue: int) -> 
     reference, 8.1e-10 under ZeRO-3), which changed that sample's text gradient by 0.7% and put the text
     tower's biases at 6x the bound, while every rank's forward and local backward agreed to 2e-6. A
     flip is a property of the data's trajectory, not of the strategy; on this trajectory none occurs."""
-    return ["--deepspeed_config", ds, "--preset", "tiny", "--tokenizer", str(data / "tokenizer"), "--no-color-augment",
+    return ["--deepspeed_config", ds, "--preset", preset, "--tokenizer", str(data / "tokenizer"), "--no-color-augment",
             "--train-shards", str(data / "train-{000000..000007}.tar"), "--val-shards", str(data / "val-000000.tar"),
             "--max-steps", str(steps), "--output-dir", str(out), "--queue-size", str(queue), "--log-every", "1",
             "--save-every", "2", "--data-streams", "4", "--mlflow-uri", f"sqlite:///{out.parent / 'mlflow.db'}"]

@@ -137,8 +137,8 @@ def test_vit_backbone_under_zero3_equals_one_rank(data, tmp_path):
     outs = {}
     for name, ranks, stage, accum in (("zero0", 1, 0, 2), ("zero3", 2, 3, 1)):
         outs[name] = tmp_path / name
-        args = equivalence_args(data, outs[name], ds_config(tmp_path, stage, GLOBAL_BATCH // 2, accum), 4, QUEUE)
-        launch(ranks, [*args, "--preset", "tiny-vit"])
+        launch(ranks, equivalence_args(data, outs[name], ds_config(tmp_path, stage, GLOBAL_BATCH // 2, accum), 4, QUEUE,
+                                       preset="tiny-vit"))
     reference = exported(outs["zero0"])
     assert reference["image_tower.backbone.net.pos_embed"].shape == (1, 17, 64)  # 4 x 4 patches + class token
     assert_close_per_tensor(reference, exported(outs["zero3"]), "ViT under ZeRO-3")

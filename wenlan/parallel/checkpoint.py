@@ -144,8 +144,8 @@ def load(engine, where: tuple[Path, str], pipeline_stages: int = 1) -> tuple[dic
     rank_state = torch.load(own, map_location="cpu", weights_only=False)
     shared = [k for k, v in rank_state.items() if v is None]
     if shared:  # state equal on the ranks of a stage is written once, by the stage's first rank
-        source = torch.load(rank_file(Path(directory) / tag, rank_state.get("shared_from", 0)), map_location="cpu",
-                            weights_only=False)
+        first = rank_file(Path(directory) / tag, rank_state.get("shared_from", 0))
+        source = torch.load(first, map_location="cpu", weights_only=False)  # our own rank file, as above
         rank_state.update({k: source[k] for k in shared})
     return client_state[STATE_KEY], rank_state
 

@@ -229,14 +229,21 @@ def balanced_parts(costs: list[int], stages: int) -> list[int]:
     return parts
 
 
+_layouts: dict[str, tuple[list[int], list[int]]] = {}  # check_stages' results in this process
+
+
 def check_stages(model_cfg, objective_cfg, stages: int, method: str = "parameters") -> tuple[list[int], list[int]]:
     """(stage boundaries, per-layer costs) that ``build_pipeline`` will use, from a model on the meta
-    device: a layout that cannot work fails here, before any process group starts."""
-    with torch.device("meta"):
-        model = BriVL(model_cfg, momentum=objective_cfg.name == "brivl")
-        objective = ObjectiveLayer(objective_cfg, model_cfg.embed_dim)
-    costs = layer_costs(pipeline_layers(model, objective), model_cfg, method)
-    return balanced_parts(costs, stages), costs
+    device: a layout that cannot work fails here, before any process group starts. Computed once per
+    process (config validation and the build ask for the same layout; a 10b meta model takes seconds)."""
+    key = repr((model_cfg, objective_cfg, stages, method))  # dataclass reprs: every field
+    if key not in _layouts:
+        with torch.device("meta"):
+            model = BriVL(model_cfg, momentum=objective_cfg.name == "brivl")
+            objective = ObjectiveLayer(objective_cfg, model_cfg.embed_dim)
+        costs = layer_costs(pipeline_layers(model, objective), model_cfg, method)
+        _layouts[key] = balanced_parts(costs, stages), costs
+    return _layouts[key]
 
 
 def build_pipeline(cfg, stages: int):
