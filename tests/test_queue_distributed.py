@@ -5,6 +5,8 @@ records its own outcome and the test functions report them one by one. Reference
 each process from the whole global batch, which every rank can rebuild from the seeds.
 """
 
+import faulthandler
+import gc
 import json
 import math
 import os
@@ -258,6 +260,7 @@ def clip_matches_global_formula(rank, world):
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
+    faulthandler.enable()  # a native abort then prints where each Python thread was
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
@@ -268,8 +271,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             results[name] = "ok"
         except Exception:  # recorded per check; a desynchronised rank then fails on the timeout
             results[name] = traceback.format_exc()
-    dist.destroy_process_group()
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+    # Teardown: no rank closes its connections (rank 0 also hosts the store) while another may still
+    # be finishing its last collective, and no in-flight work object outlives the group.
+    gc.collect()
+    dist.barrier()  # no gradient
+    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"{w}ranks")
@@ -277,7 +284,12 @@ def ranks(request, tmp_path_factory) -> dict:
     world = request.param
     out = tmp_path_factory.mktemp(f"ranks{world}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(world, free_port(), str(out)), nprocs=world, join=True)
+    try:
+        mp.spawn(_worker, args=(world, free_port(), str(out)), nprocs=world, join=True)
+    except (mp.ProcessExitedException, mp.ProcessRaisedException) as err:
+        done = sorted(int(p.stem[4:]) for p in out.glob("rank*.json"))
+        raise AssertionError(f"{err}; ranks {done} had recorded every check's outcome (a rank listed here died "
+                             "in process-group teardown, after its checks)") from err
     return {rank: json.loads((out / f"rank{rank}.json").read_text()) for rank in range(world)}
 
 
