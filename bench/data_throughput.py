@@ -1,7 +1,9 @@
 """Data throughput per process, measured side by side on the same shards in one run.
 
 1. Loader: the project's training loader (wenlan.data: tar read, decode, BriVL train augmentation
-   with colour jitter, tokenisation, collation), one process, samples/s.
+   with colour jitter, tokenisation, collation), one process, samples/s. It ships uint8 crops and
+   per-sample colour maps; applying those (model_images) is the training device's work, timed here
+   on this CPU separately for reference.
 2. Decode-only floor: the same tars read and decoded with nothing else, by PIL (full decode), PIL with
    draft() (JPEG DCT-domain downscale to the training size), torchvision.io.decode_jpeg and simplejpeg
    (libjpeg-turbo, full scale); the fastest is the floor. Prints loader / floor (target >= 0.6: augmentation and tokenisation should
@@ -109,15 +111,32 @@ def decode_torchvision(data: bytes, size: int):
 
 
 def augment_rate(shards: list[Path], transform, size: int) -> float:
-    """Decode + the train transform as the loader calls it (on the just-opened image, with its bytes),
-    no loader around it: where the loader's time goes."""
+    """Decode + the train transform's loader half as the loader calls it (on the just-opened image,
+    with its bytes), no loader around it: where the loader's time goes."""
     n, t0 = 0, time.process_time()
     for shard in shards:
         for sample in read_samples(shard):
             with Image.open(io.BytesIO(sample["jpg"])) as im:
-                transform(im, seed=n, encoded=sample["jpg"])
+                transform.prepare(im, seed=n, encoded=sample["jpg"])
             n += 1
     return n / (time.process_time() - t0)
+
+
+def colour_maps_rate(shards: list[Path], transform, batch: int) -> float:
+    """model_images (colour maps + normalisation, the training device's part) on this CPU, one torch
+    thread, in batches: samples/s."""
+    from wenlan.data import model_images
+
+    prepared = []
+    for shard in shards:
+        for sample in read_samples(shard):
+            with Image.open(io.BytesIO(sample["jpg"])) as im:
+                prepared.append(transform.prepare(im, seed=len(prepared), encoded=sample["jpg"]))
+    t0 = time.process_time()
+    for i in range(0, len(prepared), batch):
+        pixels, maps = zip(*prepared[i:i + batch])
+        model_images(torch.stack(pixels), torch.stack(maps))
+    return len(prepared) / (time.process_time() - t0)
 
 
 def tokenise_rate(captions: list[str], tokenizer, batch: int) -> float:
@@ -207,9 +226,9 @@ def main() -> None:
 
         decoders = {"PIL full decode": decode_pil, "PIL draft()": decode_pil_draft,
                     "torchvision.io.decode_jpeg": decode_torchvision, "simplejpeg (libjpeg-turbo)": decode_simplejpeg}
-        parts = {"decode + train_transform (colour on)": train_transform(a.image_size, color_augment=True),
-                 "decode + train_transform (colour off)": train_transform(a.image_size, color_augment=False)}
-        rates = {name: [] for name in ["loader", *decoders, *parts, "tokenise"]}
+        parts = {"decode + crop + colour map (colour on)": train_transform(a.image_size, color_augment=True),
+                 "decode + crop + colour map (colour off)": train_transform(a.image_size, color_augment=False)}
+        rates = {name: [] for name in ["loader", *decoders, *parts, "tokenise", "device part"]}
         all_captions = [s["txt"].decode() for shard in shards for s in read_samples(shard)]
         loader_rate(shards[:1], tokenizer, a.image_size, a.batch)  # warm-up: imports, first-call costs
         for _ in range(a.rounds):
@@ -219,6 +238,8 @@ def main() -> None:
             for name, transform in parts.items():
                 rates[name].append(augment_rate(shards, transform, a.image_size))
             rates["tokenise"].append(tokenise_rate(all_captions, tokenizer, a.batch))
+            rates["device part"].append(colour_maps_rate(shards, parts["decode + crop + colour map (colour on)"],
+                                                         a.batch))
         mean_kb = np.mean([len(s["jpg"]) for s in read_samples(shards[0])]) / 1024
         scaled, decoded_pixels = decoded_share(shards, train_transform(a.image_size))
 
@@ -243,6 +264,8 @@ def main() -> None:
     for name in [*parts, "tokenise"]:
         label = f"tokenise only (batches of {a.batch})" if name == "tokenise" else name
         print(f"  {label:40s}: {med[name]:8.1f} samples/s  ({1000 / med[name]:.2f} ms/sample)")
+    print(f"not in the loader: model_images (colour maps + normalisation, run on the training device) would cost "
+          f"{1000 / med['device part']:.2f} ms/sample on this CPU")
     print(f"make_shards, keep original bytes: {keep:8.1f} rows/s per process")
     print(f"make_shards, resize to --max-side 256: {resize:8.1f} rows/s per process")
     for cores in (64, 512):

@@ -16,8 +16,8 @@ import webdataset as wds
 from PIL import Image
 
 from data_tools.make_demo_data import train_tokenizer
-from wenlan.data import (DataConfig, default_streams, eval_transform, expand_shards, load_tokenizer, make_eval_loader,
-                         make_train_loader, missing_local_shards, train_transform)
+from wenlan.data import (NORMALISE, DataConfig, default_streams, eval_transform, expand_shards, load_tokenizer,
+                         make_eval_loader, make_train_loader, missing_local_shards, model_images, train_transform)
 from wenlan.data.shards import tar_samples
 
 CAPTIONS = ["红色圆形在左上角", "蓝色方块在右下角", "绿色三角形在中间", "黄色星形在左侧"]
@@ -130,7 +130,8 @@ def test_train_step_batches_shapes_dtypes(bad_shards, tokenizer):
     assert [len(b["keys"]) for b in batches[:2]] == [8, 8]  # the 1-shard stream runs out in step 3
     for b in batches:
         n = len(b["keys"])
-        assert b["images"].shape == (n, 3, 16, 16) and b["images"].dtype == torch.float32
+        assert b["images"].shape == (n, 3, 16, 16) and b["images"].dtype == torch.uint8
+        assert torch.equal(b["colour_maps"], NORMALISE.expand(n, 3, 7))  # colour_augment=False: normalisation only
         assert b["input_ids"].shape == (n, 16) and b["input_ids"].dtype == torch.long
         assert b["attention_mask"].shape == (n, 16) and b["attention_mask"].dtype == torch.long
         assert (b["input_ids"][:, 0] == tokenizer.cls_token_id).all()
@@ -170,6 +171,7 @@ def test_deterministic_for_seed(tmp_path, tokenizer):
     b = _first_steps(paths, tokenizer, seed=0, num_workers=1)  # ...nor worker processes
     assert [x["keys"] for x in a] == [x["keys"] for x in b]
     assert all(torch.equal(x["images"], y["images"]) for x, y in zip(a, b))
+    assert all(torch.equal(x["colour_maps"], y["colour_maps"]) for x, y in zip(a, b))
     c = _first_steps(paths, tokenizer, seed=1, num_workers=0)
     assert [x["keys"] for x in a] != [x["keys"] for x in c]
     assert a[-1]["position"][0][0] >= 1  # 6 steps x 6 samples run past the 24-sample epoch
@@ -344,12 +346,13 @@ def _jpeg_bytes(size: tuple[int, int], seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def test_fast_colour_ops_match_torchvision_where_nothing_clips():
+def test_colour_maps_match_torchvision_where_nothing_clips():
+    """Each sample's colour ops, composed into one map in the loader and applied to a whole batch by
+    model_images (as on the training device), equal torchvision's step-by-step ops + Normalize."""
     from torchvision.transforms import functional as F
 
-    from wenlan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform
+    from wenlan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, colour_map
 
-    t = TrainTransform(16)
     crop = torch.from_numpy(np.random.default_rng(0).integers(70, 170, (3, 16, 16), dtype=np.uint8))  # (3, 16, 16)
     x = crop.float() / 255
 
@@ -362,12 +365,16 @@ def test_fast_colour_ops_match_torchvision_where_nothing_clips():
              ([("grayscale", 0.0)], F.rgb_to_grayscale(x, 3)),
              ([("saturation", 0.8), ("contrast", 1.2), ("brightness", 0.9)],
               F.adjust_brightness(F.adjust_contrast(F.adjust_saturation(x, 0.8), 1.2), 0.9)),
-             ([], x)]
-    for ops, want in cases:
-        torch.testing.assert_close(t.finish(crop, ops), norm(want), atol=1e-4, rtol=0, msg=str(ops))
-    # hue: a rotation of chroma that keeps luma; 0 is the identity
-    torch.testing.assert_close(t.finish(crop, [("hue", 0.0)]), norm(x), atol=1e-4, rtol=0)
-    shifted = t.finish(crop, [("hue", 0.08)])
+             # a contrast whose grey level depends on an earlier contrast's (the mean term composes)
+             ([("brightness", 1.1), ("contrast", 0.6), ("saturation", 1.2), ("contrast", 1.3)],
+              F.adjust_contrast(F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(x, 1.1), 0.6), 1.2), 1.3)),
+             ([], x),
+             ([("hue", 0.0)], x)]  # hue 0 is the identity
+    got = model_images(crop.expand(len(cases), 3, 16, 16), torch.stack([colour_map(ops) for ops, _ in cases]))
+    for (ops, want), row in zip(cases, got):
+        torch.testing.assert_close(row, norm(want), atol=1e-4, rtol=0, msg=str(ops))
+    # hue: a rotation of chroma that keeps luma
+    shifted = model_images(crop[None], colour_map([("hue", 0.08)])[None])[0]
     unnorm = shifted * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     luma = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
     torch.testing.assert_close((unnorm * luma).sum(0), (x * luma).sum(0), atol=1e-3, rtol=0)

@@ -51,6 +51,7 @@ def run(shards, tokenizer, world, num_workers, steps, position=None):
         out.append({
             "keys": [k for p in parts for k in p["keys"]],
             "images": torch.cat([p["images"] for p in parts]),  # (G, 3, H, W)
+            "colour_maps": torch.cat([p["colour_maps"] for p in parts]),  # (G, 3, 7)
             "input_ids": torch.cat([p["input_ids"] for p in parts]),  # (G, L)
             "skipped": skipped,
             "position": merge_positions([p["position"] for p in parts]),
@@ -68,6 +69,7 @@ def assert_same_steps(got, want):
     for step, (g, w) in enumerate(zip(got, want)):
         assert g["keys"] == w["keys"], f"step {step}: keys differ"
         assert torch.equal(g["images"], w["images"]), f"step {step}: images differ"
+        assert torch.equal(g["colour_maps"], w["colour_maps"]), f"step {step}: colour augmentation differs"
         assert torch.equal(g["input_ids"], w["input_ids"]), f"step {step}: tokens differ"
         assert g["skipped"] == w["skipped"], f"step {step}: skip counts differ"
         assert g["position"] == w["position"], f"step {step}: positions differ"
@@ -91,10 +93,10 @@ def test_reference_run_covers_epochs_skips_and_augmentation(shards, tokenizer, r
     # (bar the odd one that draws no colour change and the same crop twice: 12 px images allow few crops).
     seen = {}
     for s in reference:
-        for key, image in zip(s["keys"], s["images"]):
-            seen.setdefault(key, []).append(image)
-    twice = [images for images in seen.values() if len(images) > 1]
-    differ = [not torch.equal(images[0], images[1]) for images in twice]
+        for key, image, colours in zip(s["keys"], s["images"], s["colour_maps"]):
+            seen.setdefault(key, []).append((image, colours))
+    twice = [views for views in seen.values() if len(views) > 1]
+    differ = [not (torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])) for a, b, *_ in twice]
     assert len(twice) > 20 and sum(differ) >= 0.95 * len(twice)
 
 

@@ -2,6 +2,7 @@
 standalone evaluation, the CLIP objective (on shards in img2dataset's layout, with verify_shards'
 index). One set of launches checks several things each."""
 
+import io
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from data_tools.make_demo_data import write_demo_shards
 from data_tools.shard_io import read_samples
 from data_tools.verify_shards import verify
 from tests.helpers import ROOT, launch
-from wenlan.data import DataConfig, load_tokenizer, make_eval_loader
+from wenlan.data import DataConfig, load_tokenizer, make_eval_loader, model_images
 from wenlan.export import export, load_model_from_checkpoint
 from wenlan.parallel.checkpoint import read_consolidated
 
@@ -141,8 +142,13 @@ def test_export_full_names_and_load_gives_engine_embeddings(two_rank_run, data):
     loaded = wenlan.load(out)
     batch = next(iter(make_eval_loader(DataConfig(shards=[str(data / "val-000000.tar")], batch_size=8,
                                                   max_text_len=cfg.text.max_len, num_workers=0), tokenizer)))
+    pixels = model_images(batch["images"], batch["colour_maps"])
     with torch.no_grad():
-        torch.testing.assert_close(loaded.encode_image(batch["images"]), model.encode_image(batch["images"]))
+        torch.testing.assert_close(loaded.encode_image(pixels), model.encode_image(pixels))
+        # the README's use: PIL images in, the eval view and normalisation applied inside
+        from PIL import Image
+        first = [Image.open(io.BytesIO(s["jpg"])) for s, _ in zip(read_samples(data / "val-000000.tar"), range(2))]
+        torch.testing.assert_close(loaded.encode_image(first), loaded.encode_image(pixels[:2]))
         torch.testing.assert_close(loaded.encode_text({"input_ids": batch["input_ids"],
                                                        "attention_mask": batch["attention_mask"]}),
                                    model.encode_text(batch["input_ids"], batch["attention_mask"]))

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from wenlan.data.pipeline import DataConfig, make_eval_loader
+from wenlan.data.transforms import model_images
 
 KS = (1, 5, 10)
 
@@ -27,7 +28,8 @@ def embed_pairs(model, loader) -> tuple[torch.Tensor, torch.Tensor, int]:
         skipped += sum(batch["skipped"].values())  # {reason: count}
         if batch["images"].shape[0] == 0:
             continue
-        images.append(model.encode_image(batch["images"].to(param.device, param.dtype)).float().cpu())
+        pixels = model_images(batch["images"], batch["colour_maps"], param.device, param.dtype)
+        images.append(model.encode_image(pixels).float().cpu())
         texts.append(model.encode_text(batch["input_ids"].to(param.device),
                                        batch["attention_mask"].to(param.device)).float().cpu())
     model.train(was_training)

@@ -85,12 +85,14 @@ class WenLanModel(torch.nn.Module):
 
     @torch.no_grad()
     def encode_image(self, images) -> torch.Tensor:
-        """images: PIL images, or a (B, 3, H, W) tensor already normalised like eval_transform."""
+        """images: PIL images, or a float (B, 3, H, W) tensor normalised as the model's input
+        (wenlan.data.model_images of an eval batch)."""
         if not torch.is_tensor(images):
-            from wenlan.data.transforms import eval_transform
+            from wenlan.data.transforms import NORMALISE, eval_transform, model_images
 
             tf = eval_transform(self.cfg.image.image_size)
-            images = torch.stack([tf(im.convert("RGB")) for im in images])
+            pixels = torch.stack([tf(im.convert("RGB")) for im in images])  # (B, 3, S, S) uint8
+            images = model_images(pixels, NORMALISE.expand(len(pixels), 3, 7))
         return self.model.encode_image(images)  # (B, E)
 
     @torch.no_grad()

@@ -85,6 +85,7 @@ def run(cfg: TrainConfig) -> dict:
 
     from wenlan.data.pipeline import DataConfig, make_train_loader, merge_positions
     from wenlan.data.tokenizer import load_tokenizer
+    from wenlan.data.transforms import model_images
     from wenlan.evaluate import evaluate, format_table
     from wenlan.losses.objective import caption_ids
     from wenlan.losses.queue import KeyGather
@@ -242,7 +243,7 @@ def run(cfg: TrainConfig) -> dict:
                     objective.gather.launch()
         for i in range(cfg.batch.grad_accum if stages == 1 else 0):
             part = slice(i * micro, (i + 1) * micro)
-            images = batch["images"][part].to(device, image_dtype)
+            images = model_images(batch["images"][part], batch["colour_maps"][part], device, image_dtype)
             input_ids, mask = batch["input_ids"][part].to(device), batch["attention_mask"][part].to(device)
             ids = caption_ids(input_ids)
             loss, stats, keys = engine(images, input_ids, mask, ids, use_queue=use_queue)

@@ -12,7 +12,8 @@ from wenlan.data.pipeline import (
 )
 from wenlan.data.shards import expand_shards, missing_local_shards
 from wenlan.data.tokenizer import load_tokenizer
-from wenlan.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform, eval_transform, train_transform
+from wenlan.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, NORMALISE, TrainTransform, eval_transform, model_images,
+                                    train_transform)
 
 __all__ = [
     "DataConfig",
@@ -28,6 +29,8 @@ __all__ = [
     "train_transform",
     "TrainTransform",
     "eval_transform",
+    "model_images",
+    "NORMALISE",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
 ]

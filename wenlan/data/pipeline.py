@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from wenlan.data.index import ShardCounts, balanced_split, shard_counts
 from wenlan.data.shards import ShardLost, _is_local, expand_shards, missing_local_shards, tar_samples
-from wenlan.data.transforms import TrainTransform, eval_transform, train_transform
+from wenlan.data.transforms import NORMALISE, TrainTransform, eval_transform, train_transform
 
 # The tokenizer runs inside forked DataLoader workers; its own thread pool would be unsafe there.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -195,8 +195,8 @@ def _caption(fields: dict[str, bytes]) -> str:
 
 
 def _decode(fields: dict[str, bytes], transform, max_pixels: int, seed: int | None) -> tuple[object, str]:
-    """(image, caption), or _Bad saying why not: image # (3, H, W) float, or for a TrainTransform its
-    prepared (uint8 crop, colour ops), which _images finishes into the batch. `seed`: the random draws."""
+    """((pixels, colour map), caption), or _Bad saying why not: uint8 pixels # (3, S, S) and their colour
+    map # (3, 7) (see wenlan.data.transforms). `seed`: the random draws."""
     ext = next((e for e in IMAGE_EXTS if e in fields), None)
     if ext is None:
         raise _Bad("missing image")
@@ -217,7 +217,7 @@ def _decode(fields: dict[str, bytes], transform, max_pixels: int, seed: int | No
     except Exception as e:  # PIL raises many types for bad bytes
         raise _Bad("undecodable image", f"{type(e).__name__}: {e}") from None
     try:
-        return transform(image), caption
+        return (transform(image), NORMALISE), caption
     except Exception as e:  # e.g. a degenerate size the transform cannot handle
         raise _Bad("undecodable image", f"transform: {type(e).__name__}: {e}") from None
 
@@ -364,20 +364,18 @@ class _Stream:
         return items, skipped
 
 
-def _images(images: list, transform, image_size: int) -> torch.Tensor:
-    """# (B, 3, H, W) float from the samples' images: a TrainTransform's prepared ones are finished
-    straight into the batch (no per-sample float tensors to copy), others stacked."""
+def _images(images: list, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples' (pixels, colour map) pairs -> uint8 # (B, 3, S, S) and # (B, 3, 7). The pixels are
+    channels-last in memory, as the resize leaves them: stacking them so is a plain copy (a tenth of
+    the cost of transposing them into NCHW here)."""
     if not images:
-        return torch.zeros(0, 3, image_size, image_size)
-    if not isinstance(transform, TrainTransform):
-        return torch.stack(images)
-    out = torch.empty(len(images), 3, image_size, image_size)
-    for row, (crop, ops) in zip(out, images):
-        transform.finish(crop, ops, out=row)
-    return out
+        return torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8), torch.zeros(0, 3, 7)
+    pixels, maps = zip(*images)
+    return torch.stack([p.permute(1, 2, 0) for p in pixels]).permute(0, 3, 1, 2), torch.stack(maps)
 
 
-def _collate(items: list, skipped: Counter, tokenizer, text_len: int, images: torch.Tensor | None) -> dict:
+def _collate(items: list, skipped: Counter, tokenizer, text_len: int,
+             images: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
     if items:
         keys, _, captions = zip(*items)
         tok = tokenizer(list(captions), padding="max_length", truncation=True, max_length=text_len,
@@ -385,7 +383,7 @@ def _collate(items: list, skipped: Counter, tokenizer, text_len: int, images: to
         ids, mask = tok["input_ids"].long(), tok["attention_mask"].long()
     else:
         keys, ids, mask = (), torch.zeros(0, text_len, dtype=torch.long), torch.zeros(0, text_len, dtype=torch.long)
-    batch = {} if images is None else {"images": images}  # (B, 3, H, W)
+    batch = {} if images is None else {"images": images[0], "colour_maps": images[1]}  # (B, 3, S, S), (B, 3, 7)
     return {
         **batch,
         "input_ids": ids,  # (B, L)
@@ -414,7 +412,7 @@ def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
 class _RankStreams(IterableDataset):
     """A rank's streams; worker j of n serves streams[j::n] and yields one item per step:
     {"worker": j, "last": no more items after this one, "blocks": {stream: block dict},
-    "images": the blocks' images, one tensor in the blocks' (stream) order}."""
+    "images", "colour_maps": the blocks' images, one tensor each in the blocks' (stream) order}."""
 
     def __init__(self, cfg: DataConfig, tokenizer, transform, urls: list[str], streams: list[int], plan: _ShardPlan,
                  block_size: int, start: dict[int, list[int]], epochs: int | None):
@@ -434,8 +432,8 @@ class _RankStreams(IterableDataset):
                 blocks[s.index] = _collate(items, skipped, self.tokenizer, self.cfg.max_text_len, None)
                 blocks[s.index]["position"] = s.position
             last = all(s.exhausted for s in mine)
-            images = _images(images, self.transform, self.cfg.image_size)  # one float write per pixel
-            yield {"worker": worker, "last": last, "blocks": blocks, "images": images}
+            pixels, maps = _images(images, self.cfg.image_size)
+            yield {"worker": worker, "last": last, "blocks": blocks, "images": pixels, "colour_maps": maps}
             if last:
                 return
 
@@ -466,19 +464,22 @@ class TrainLoader:
             blocks = {c: b for g in got for c, b in g["blocks"].items()}
             parts = [blocks[c] for c in streams if c in blocks]  # stream order = global batch order
             if len(got) == 1:  # one worker's blocks: already one tensor in stream order
-                images = got[0]["images"]
+                images, maps = got[0]["images"], got[0]["colour_maps"]
             else:
                 for g in got:
                     at = 0
                     for b in g["blocks"].values():
-                        b["images"], at = g["images"][at:at + len(b["keys"])], at + len(b["keys"])
+                        rows, at = slice(at, at + len(b["keys"])), at + len(b["keys"])
+                        b["images"], b["colour_maps"] = g["images"][rows], g["colour_maps"][rows]
                 images = torch.cat([b["images"] for b in parts])
+                maps = torch.cat([b["colour_maps"] for b in parts])
             skipped = Counter()
             for c, b in blocks.items():
                 skipped.update(b["skipped"])
                 position[c] = b["position"]
             yield {
-                "images": images,  # (G/W, 3, H, W)
+                "images": images,  # (G/W, 3, S, S) uint8
+                "colour_maps": maps,  # (G/W, 3, 7)
                 "input_ids": torch.cat([b["input_ids"] for b in parts]),  # (G/W, L)
                 "attention_mask": torch.cat([b["attention_mask"] for b in parts]),  # (G/W, L)
                 "keys": [k for b in parts for k in b["keys"]],
@@ -504,7 +505,9 @@ def make_train_loader(cfg: DataConfig, tokenizer, rank: int, world_size: int, *,
     """Step batches for `rank` of `world_size`, endless unless `epochs` is given (tests and tools).
 
     Each item is one optimizer step's share of the global batch, B = global_batch / world_size:
-    {"images": (B, 3, H, W) float, "input_ids": (B, L) long, "attention_mask": (B, L) long,
+    {"images": (B, 3, S, S) uint8, "colour_maps": (B, 3, 7) float (the sample's colour augmentation and
+    normalisation: wenlan.data.model_images(images, colour_maps, device) gives the model's input),
+    "input_ids": (B, L) long, "attention_mask": (B, L) long,
     "keys": list[str] ("url#key"), "skipped": {reason: count} this step,
     "position": {stream: [epoch, shard_cursor, sample_cursor]} of this rank's streams after the step}.
     `position`: the merged positions of all streams (merge_positions of every rank's last batch) to
@@ -582,14 +585,15 @@ class _EvalPass(IterableDataset):
             yield self._batch(pending, skipped)
 
     def _batch(self, pending: list, skipped: Counter) -> dict:
-        images = _images([item[1] for item in pending], self.transform, self.cfg.image_size)
+        images = _images([item[1] for item in pending], self.cfg.image_size)
         return _collate(pending, skipped, self.tokenizer, self.cfg.max_text_len, images)
 
 
 def make_eval_loader(cfg: DataConfig, tokenizer) -> DataLoader:
     """One deterministic pass over all shards: eval transform, no shuffle, every good sample.
 
-    Batches {"images", "input_ids", "attention_mask", "keys", "skipped": {reason: count}} of
+    Batches {"images", "colour_maps", "input_ids", "attention_mask", "keys", "skipped": {reason: count}}
+    (as make_train_loader's; the colour maps are the normalisation alone) of
     cfg.batch_size, the last one short; skips after the last good sample arrive in a final batch with
     B == 0 (add batch["skipped"], then skip empty batches). With one worker (or none) batches follow
     shard order exactly; with more, workers take every n-th shard and their batches interleave in a

@@ -1,7 +1,11 @@
 """Image transforms: BriVL's training augmentation and the deterministic eval view.
 
-Both give a float tensor # (3, image_size, image_size) in ImageNet normalisation (the image backbones
-are ImageNet-pretrained).
+The loader ships every image as uint8 pixels # (3, image_size, image_size) plus a colour map # (3, 7)
+(see colour_map): the affine map of RGB that is the sample's colour augmentation followed by ImageNet
+normalisation (the image backbones are ImageNet-pretrained). `model_images` applies the maps of a batch
+where the model runs: on a GPU it costs nothing next to the step, whereas on the loader's CPU it was a
+quarter of the work per sample; the host-to-device copy is a quarter of a float batch's too. The eval
+view's map is the normalisation alone, so every batch has the same form.
 
 The training transform is built for throughput, since it runs on every sample of every epoch:
 - The random resized crop is drawn from the image header before decoding. A JPEG is decoded by
@@ -9,13 +13,13 @@ The training transform is built for throughput, since it runs on every sample of
   when the crop is at least 2x (4x, 8x) the output size, so no crop is upscaled that a full decode
   would not upscale. Other formats (and JPEGs libjpeg-turbo refuses) go through PIL.
 - Crop + resize is one antialiased bilinear interpolation of the uint8 crop (torch's vectorised uint8
-  kernel), so everything after it touches image_size^2 pixels only.
-- Colour jitter, grayscale and the normalisation are one affine colour transform: each of them is an
-  affine map of RGB (brightness scales, contrast and saturation blend with a grey level or the grey
-  image, hue rotates the chroma plane, grayscale projects on luma), so their composition in the
-  drawn order is one 3x3 matrix plus an offset (contrast's mean grey comes from the crop's channel
-  means pushed through the maps before it), applied with the normalisation in one float pass and
-  clamped to the valid range once at the end.
+  kernel); the loader touches no pixel after it.
+- Colour jitter, grayscale and the normalisation are one affine colour map: each of them is an affine
+  map of RGB (brightness scales, contrast and saturation blend with a grey level or the grey image,
+  hue rotates the chroma plane, grayscale projects on luma), so their composition in the drawn order
+  is one 3x3 matrix plus an offset. Contrast's grey level is the mean of the image as it is at that
+  point, i.e. a linear function of the crop's channel means, so the offset is t + C @ mean(crop) with
+  C non-zero only after a contrast step; values are clamped to the valid range once at the end.
 Semantics are torchvision's ColorJitter(0.4, 0.4, 0.4, 0.1) applied with p=0.8 in a random order of
 the four, then RandomGrayscale(p=0.2), with two documented differences: hue is a rotation in YIQ
 space (as NVIDIA DALI's hue / ColorTwist) rather than a shift of HSV hue, which would cost more than
@@ -47,12 +51,12 @@ _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, 
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
 
 
-def _to_normalized_tensor():
-    return [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-
-
 _GREY = np.array(GREY)
 _TO_GREY = np.tile(_GREY, (3, 1))  # RGB -> (luma, luma, luma)
+_STD = 1.0 / (255.0 * np.array(IMAGENET_STD))  # uint8 -> normalised: x * _STD + _BIAS
+_BIAS = -np.array(IMAGENET_MEAN) / np.array(IMAGENET_STD)
+# the normalised image of [0, 255] per channel: where model_images clamps
+_LOW, _HIGH = _BIAS.tolist(), (255 * _STD + _BIAS).tolist()
 
 
 def hue_matrix(hue: float) -> np.ndarray:
@@ -61,6 +65,53 @@ def hue_matrix(hue: float) -> np.ndarray:
     c, s = math.cos(-2 * math.pi * hue), math.sin(-2 * math.pi * hue)
     rot = np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
     return _YIQ_TO_RGB @ rot @ _RGB_TO_YIQ
+
+
+def colour_map(ops: list[tuple[str, float]]) -> torch.Tensor:
+    """Colour ops in order (TrainTransform.colour_ops) + the normalisation -> # (3, 7) float32 [M | C | t]:
+    normalised = M @ rgb + C @ mean_rgb + t for uint8 RGB values rgb and the crop's channel means
+    mean_rgb. The image after each step is m @ x + c @ mean + t; its mean grey level (contrast's blend
+    target) is then GREY @ ((m + c) @ mean + t)."""
+    m, c, t = np.eye(3), np.zeros((3, 3)), np.zeros(3)
+    for name, f in ops:
+        if name == "contrast":  # f * image + (1 - f) * its mean grey level, on every channel
+            c = f * c + (1 - f) * np.outer(np.ones(3), _GREY @ (m + c))
+            m, t = f * m, f * t + (1 - f) * float(_GREY @ t)
+            continue
+        if name == "brightness":
+            step = f * np.eye(3)
+        elif name == "saturation":  # blend with the grey image
+            step = f * np.eye(3) + (1 - f) * _TO_GREY
+        elif name == "hue":
+            step = hue_matrix(f)
+        elif name == "grayscale":  # every channel <- luma
+            step = _TO_GREY
+        else:
+            raise ValueError(f"unknown colour op {name!r}")
+        m, c, t = step @ m, step @ c, step @ t
+    return torch.from_numpy(np.concatenate([_STD[:, None] * m, _STD[:, None] * c, (_STD * t + _BIAS)[:, None]],
+                                           1).astype(np.float32))
+
+
+NORMALISE = colour_map([])  # (3, 7): the normalisation alone, the eval view's map
+
+
+def model_images(pixels: torch.Tensor, colour_maps: torch.Tensor, device=None,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A batch as the loader ships it -> the image tower's input, on `device` in `dtype`.
+
+    pixels: uint8 # (B, 3, H, W), any memory format (the loader's is channels-last); colour_maps:
+    # (B, 3, 7) (colour_map). Computed in float32 where `device` says, as one batched 3x3 matrix
+    # product per sample; the result is contiguous (B, 3, H, W)."""
+    b, _, h, w = pixels.shape
+    pixels = pixels.to(device, non_blocking=True)
+    x = pixels.to(torch.float32, memory_format=torch.contiguous_format).view(b, 3, h * w)  # (B, 3, HW)
+    maps = colour_maps.to(x.device, non_blocking=True)  # (B, 3, 7)
+    offset = maps[:, :, 6:] + torch.bmm(maps[:, :, 3:6], x.mean(2, keepdim=True))  # (B, 3, 1)
+    y = torch.baddbmm(offset, maps[:, :, :3], x)  # (B, 3, HW)
+    for c in range(3):
+        y[:, c].clamp_(_LOW[c], _HIGH[c])
+    return y.view(b, 3, h, w).to(dtype)
 
 
 class TrainTransform:
@@ -73,8 +124,8 @@ class TrainTransform:
 
     Call with a PIL image (best: just opened, not yet decoded, so a JPEG can be decoded at reduced
     scale), optionally its encoded bytes (`encoded`, for the tensor JPEG decoder) and a `seed` for
-    every random draw (None: drawn from torch's global generator). The loader calls the two halves
-    separately: prepare() per sample (uint8 crop + colour ops), finish() straight into the batch.
+    every random draw (None: drawn from torch's global generator). The loader calls prepare() (uint8
+    crop + colour map) per sample; model_images applies a batch's maps on the training device.
     """
 
     scale, ratio = (0.8, 1.0), (3 / 4, 4 / 3)
@@ -83,11 +134,6 @@ class TrainTransform:
 
     def __init__(self, image_size: int, color_augment: bool = True):
         self.size, self.color_augment = image_size, color_augment
-        self._std = 1.0 / (255.0 * np.array(IMAGENET_STD))  # uint8 -> normalised: x * _std + _bias
-        self._bias = -np.array(IMAGENET_MEAN) / np.array(IMAGENET_STD)
-        self._scale = torch.tensor(self._std, dtype=torch.float32).view(3, 1, 1)
-        self._shift = torch.tensor(self._bias, dtype=torch.float32).view(3, 1, 1)
-        self._range = [((0 - m) / s, (1 - m) / s) for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
 
     def __repr__(self) -> str:
         return f"TrainTransform(image_size={self.size}, color_augment={self.color_augment})"
@@ -162,40 +208,10 @@ class TrainTransform:
                 return pixels, box
         return _hwc(image.convert("RGB")), box
 
-    def finish(self, crop: torch.Tensor, ops: list, out: torch.Tensor | None = None) -> torch.Tensor:
-        """uint8 crop # (3, S, S) and its colour ops -> normalised float # (3, S, S), written into `out`
-        if given (e.g. a row of a batch). The ops are folded into one affine colour map, so the
-        pixels are touched once whatever they are."""
-        if out is None:
-            out = torch.empty(3, self.size, self.size)
-        if not ops:
-            return out.copy_(crop).mul_(self._scale).add_(self._shift)
-        x = crop.to(torch.float32, memory_format=torch.contiguous_format).view(3, -1)  # (3, S*S)
-        m, t = np.eye(3), np.zeros(3)  # in 0..255 units: y = m x + t
-        for name, f in ops:
-            if name == "brightness":
-                step, off = f * np.eye(3), 0.0
-            elif name == "contrast":  # blend with the mean grey level of the image as it is now
-                level = float(_GREY @ (m @ x.mean(1).double().numpy() + t))
-                step, off = f * np.eye(3), (1 - f) * level
-            elif name == "saturation":  # blend with the grey image
-                step, off = f * np.eye(3) + (1 - f) * _TO_GREY, 0.0
-            elif name == "hue":
-                step, off = hue_matrix(f), 0.0
-            else:  # grayscale: every channel <- luma
-                step, off = _TO_GREY, 0.0
-            m, t = step @ m, step @ t + off
-        # normalisation folded in: y_c = std_c * (m x + t)_c + bias_c, clamped to the image of [0, 255]
-        affine = torch.from_numpy(np.concatenate([self._std[:, None] * m, (self._std * t + self._bias)[:, None]],
-                                                 1).astype(np.float32))  # (3, 4)
-        y = torch.addmm(affine[:, 3:], affine[:, :3], x, out=out.view(3, -1))  # (3, S*S)
-        for c, (lo, hi) in enumerate(self._range):
-            y[c].clamp_(lo, hi)
-        return out
-
     def prepare(self, image: Image.Image, seed: int | None = None,
-                encoded: bytes | None = None) -> tuple[torch.Tensor, list]:
-        """The decoded, cropped and resized uint8 image # (3, S, S) and its colour ops, for finish()."""
+                encoded: bytes | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loader's half: the decoded, cropped and resized uint8 image # (3, S, S) and its colour map
+        # (3, 7), which model_images applies."""
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         rng = random.Random(seed)
@@ -209,10 +225,12 @@ class TrainTransform:
             # cheaper than interpolating the strided view (0.30 vs 0.43 ms for a ~500 x 400 crop here)
             crop = nnf.interpolate(crop.contiguous(memory_format=torch.channels_last), size=(self.size, self.size),
                                    mode="bilinear", antialias=True, align_corners=False)
-        return crop[0], ops
+        return crop[0], colour_map(ops)
 
     def __call__(self, image: Image.Image, seed: int | None = None, encoded: bytes | None = None) -> torch.Tensor:
-        return self.finish(*self.prepare(image, seed, encoded))
+        """Both halves, for one image: the normalised float # (3, S, S) the model sees."""
+        pixels, colours = self.prepare(image, seed, encoded)
+        return model_images(pixels[None], colours[None])[0]
 
 
 def _hwc(image: Image.Image) -> torch.Tensor:
@@ -227,5 +245,6 @@ def train_transform(image_size: int, color_augment: bool = True) -> TrainTransfo
 
 
 def eval_transform(image_size: int):
-    """Resize the short side, centre crop: the same pixels every time."""
-    return T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size)] + _to_normalized_tensor())
+    """Resize the short side, centre crop: the same uint8 pixels # (3, S, S) every time; their colour map
+    is NORMALISE."""
+    return T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size), T.PILToTensor()])

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from wenlan.data.transforms import model_images
 from wenlan.losses.objective import ContrastivePretraining, caption_ids
 from wenlan.losses.queue import KeyGather
 from wenlan.models.brivl import BriVL
@@ -326,8 +327,8 @@ def micro_batches(batch: dict, micro: int, image_dtype, device):
     for i in range(batch["images"].shape[0] // micro):
         part = slice(i * micro, (i + 1) * micro)
         input_ids = batch["input_ids"][part].to(device)
-        yield ((batch["images"][part].to(device, image_dtype), input_ids, batch["attention_mask"][part].to(device)),
-               caption_ids(input_ids))
+        images = model_images(batch["images"][part], batch["colour_maps"][part], device, image_dtype)
+        yield (images, input_ids, batch["attention_mask"][part].to(device)), caption_ids(input_ids)
 
 
 @torch.no_grad()
@@ -349,12 +350,15 @@ def evaluate_pipeline(engine, cfg, tokenizer, image_dtype) -> dict:
         if n == 0:
             continue
         pad = micro - n
-        pixels, input_ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"]
+        pixels, maps = batch["images"], batch["colour_maps"]
+        input_ids, mask = batch["input_ids"], batch["attention_mask"]
         if pad:  # padding rows attend to one token so that nothing is all-masked; they are cut below
             pixels = torch.cat([pixels, pixels.new_zeros((pad, *pixels.shape[1:]))])
+            maps = torch.cat([maps, maps.new_zeros((pad, *maps.shape[1:]))])
             input_ids = torch.cat([input_ids, input_ids.new_zeros((pad, input_ids.shape[1]))])
             mask = torch.cat([mask, torch.nn.functional.pad(mask.new_ones((pad, 1)), (0, mask.shape[1] - 1))])
-        inputs = ((pixels.to(engine.device, image_dtype), input_ids.to(engine.device), mask.to(engine.device)),
+        inputs = ((model_images(pixels, maps, engine.device, image_dtype), input_ids.to(engine.device),
+                   mask.to(engine.device)),
                   caption_ids(input_ids).to(engine.device))
         engine.total_loss = None  # eval_batch adds its outputs to training's loss sum, which it does not reset
         _, outputs = engine.eval_batch(iter([inputs]), return_logits=True, compute_loss=False,
