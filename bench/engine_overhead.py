@@ -43,11 +43,13 @@ def batches(n: int, batch: int):
 
 
 def train_step(forward, backward, step, module, batch):
-    loss, _, keys = forward(*batch)
+    loss = forward(*batch)
+    module.gather.launch()  # the trainer's order: keys gathered while the backward runs
     backward(loss)
     step()
     module.ema.update(0.99)
-    module.queues.enqueue(*keys)
+    module.queues.enqueue(*module.gather.wait())
+    module.take_totals()
 
 
 def time_steps(fn, data) -> float:

@@ -34,7 +34,6 @@ def measure(out_file: str, micro: int, repeats: int) -> None:
 
     from wenlan.config import BatchConfig, TrainConfig
     from wenlan.losses.objective import ObjectiveConfig, caption_ids
-    from wenlan.losses.queue import KeyGather
     from wenlan.models.presets import get_preset
     from wenlan.parallel.engine import build_engine, init_distributed
     from wenlan.parallel.pipeline import build_pipeline
@@ -52,8 +51,9 @@ def measure(out_file: str, micro: int, repeats: int) -> None:
     batch = ((images, input_ids, torch.ones_like(input_ids)), caption_ids(input_ids))
 
     def reset_objective():
-        if objective is not None:  # the bench never enqueues: drop the keys and stats the loss kept
-            objective.gather, objective.stats = KeyGather(objective.group), []
+        if objective is not None:  # the bench never enqueues: drop the keys and totals the loss kept
+            objective.gather.clear()
+            objective.take_totals()
 
     # This stage's input, as the pipeline delivers it.
     captured = []

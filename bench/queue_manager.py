@@ -103,8 +103,8 @@ def step_share(rank: int, n: int, out: list) -> None:
         queues = full_queue(mode, rank, E)
 
         def train_step():
-            loss, _, _ = module(*batch)
-            loss.backward()
+            module(*batch).backward()
+            module.gather.clear()  # keys are enqueued by gather_enqueue below, timed on their own
 
         def queue_logits():  # both directions, forward and backward, as inside the step
             lse, _ = queue_scores(img_q, txt_q, batch[3], module.queues, scale, True)

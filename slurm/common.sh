@@ -13,7 +13,8 @@
 #   ACCELERATOR               cuda (default) or cpu (DeepSpeed on CPU with gloo: the tiny preset, tests)
 #   SAVE_EVERY, EVAL_EVERY    steps between checkpoints / evaluations (defaults 1000 / 5000)
 #   NUM_WORKERS               DataLoader workers per process (default 4)
-#   SEED, RESUME              --seed (0) and --resume (auto)
+#   SEED, RESUME              --seed (0) and --resume (auto); RESUME=PATH|none applies to the job's first
+#                             start only: a requeued job resumes from its own newest checkpoint
 #   MLFLOW_URI, MLFLOW_EXPERIMENT   tracking store (default: sqlite next to OUTPUT_DIR) and experiment
 #   EXTRA_ARGS                any other wenlan/train.py flags, e.g. "--queue-size 65536 --log-every 50"
 #   MASTER_ADDR, MASTER_PORT  rendezvous (default: the first node's address, 20000 + job id % 20000)
@@ -40,6 +41,14 @@ NUM_WORKERS=${NUM_WORKERS:-4}
 SEED=${SEED:-0}
 RESUME=${RESUME:-auto}
 MLFLOW_EXPERIMENT=${MLFLOW_EXPERIMENT:-wenlan}
+# RESUME=PATH (or none) says where the job's FIRST start comes from. A requeued job (same id, same
+# OUTPUT_DIR) that has written a checkpoint of its own continues from it: going back to PATH would redo
+# every step since, and `none` would start over. Only this one batch shell looks at the directory.
+if (( ${SLURM_RESTART_COUNT:-0} > 0 )) && [[ $RESUME != auto ]] \
+    && compgen -G "$OUTPUT_DIR/checkpoints/step*/complete.json" > /dev/null; then
+  echo "restart ${SLURM_RESTART_COUNT}: RESUME=$RESUME applies to the first start only; resuming from $OUTPUT_DIR/checkpoints"
+  RESUME=auto
+fi
 
 # Rendezvous: rank 0 runs on the first node of the allocation. Its address comes from the node's
 # NodeAddr (the hostname on most clusters; several emulated nodes on one machine share 127.0.0.1).

@@ -51,6 +51,14 @@ def assert_close_per_tensor(reference: dict, other: dict, what: str) -> None:
             assert torch.equal(other[name], ref), f"{what}: {name} differs"
 
 
+def metric_history(out: Path, key: str) -> dict[int, float]:
+    """{step: value} of one metric of the run in ``out`` (its MLflow store sits next to it)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{out.parent / 'mlflow.db'}")
+    return {m.step: m.value for m in client.get_metric_history((out / "mlflow_run_id").read_text().strip(), key)}
+
+
 def exported(out: Path) -> dict[str, torch.Tensor]:
     path = out.parent / f"{out.name}.safetensors"
     from wenlan.export import export

@@ -1,8 +1,10 @@
 """Run by tests/test_momentum_partitioned.py under `deepspeed --num_accelerators 2`: the partition-local
 EMA against the whole-tensor formula on real engines (ZeRO-3 fp32, ZeRO-3 bf16 + fp32 masters, ZeRO-1
-bf16), for every parameter, small persistent ones included. Prints one line per checked case."""
+bf16), for every parameter, small persistent ones included; and in bf16, the temperature the loss uses
+is the optimizer's fp32 value, not its bf16 weight. Prints one line per checked case."""
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -13,8 +15,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from wenlan.config import resolve  # noqa: E402
-from wenlan.parallel.engine import build_engine, build_module, init_distributed  # noqa: E402
+from wenlan.parallel.engine import init_distributed  # noqa: E402
 from wenlan.parallel.momentum import MomentumEMA  # noqa: E402
+from wenlan.parallel.strategy import PlainStrategy  # noqa: E402
 from wenlan.train import parse_args  # noqa: E402
 
 
@@ -39,18 +42,33 @@ def whole_weights(params) -> list[torch.Tensor]:
 def check(ds_path: str, label: str, argv: list[str]) -> None:
     cfg = resolve(parse_args(argv + ["--deepspeed_config", ds_path]))
     torch.manual_seed(0)
-    module = build_module(cfg)
-    engine = build_engine(module, cfg)
-    ema = MomentumEMA([("model." + n, p, q) for n, p, q in module.model.named_momentum_pairs()])
-    ema.update(0.0)
+    strategy = PlainStrategy(cfg)
+    module, engine, ema = strategy.objective, strategy.engine, strategy.ema
+    bf16 = module.log_scale.dtype == torch.bfloat16
+    configured = torch.tensor([math.log(1.0 / cfg.objective.temperature)])  # fp32
+    def scale() -> torch.Tensor:  # what the loss uses (a ZeRO-3 parameter is whole only when gathered)
+        with deepspeed.zero.GatheredParameters([module.log_scale], enabled=hasattr(module.log_scale, "ds_id")):
+            return module.scale().cpu(), module.log_scale.float().cpu()
+
+    if bf16:  # the loss starts at the configured temperature, not at its bf16 rounding
+        used, weight = scale()
+        assert torch.equal(used, configured.exp()), f"{label}: initial temperature {used} {configured.exp()}"
+        assert not torch.equal(weight, configured)
     # one real optimizer step so that online and momentum weights differ
     images = torch.randn(cfg.batch.micro_batch, 3, 64, 64, dtype=next(module.parameters()).dtype)
     ids = torch.randint(5, 60, (cfg.batch.micro_batch, 12))
-    loss, _, _ = engine(images, ids, torch.ones_like(ids), ids[:, 0].clone(), use_queue=False)
+    loss = engine(images, ids, torch.ones_like(ids), ids[:, 0].clone(), use_queue=False)
+    module.gather.clear()  # not enqueued here
     engine.backward(loss)
     engine.step()
 
     from deepspeed.utils import safe_get_full_fp32_param
+
+    if bf16:  # after the step: the optimizer's fp32 value, which bf16 cannot represent
+        strategy.refresh_temperature()
+        master = safe_get_full_fp32_param(module.log_scale).float().reshape(1)
+        assert torch.equal(scale()[0], master.cpu().clamp(max=math.log(100.0)).exp()), f"{label}: temperature"
+        assert not torch.equal(master.bfloat16().float(), master) and not torch.equal(master, configured)
 
     onlines = [p for p, _ in ema.pairs]
     online_fp32 = [safe_get_full_fp32_param(p) if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") else None
@@ -78,7 +96,8 @@ def check(ds_path: str, label: str, argv: list[str]) -> None:
             assert torch.equal(whole_copies[name], after[name].to(key.dtype)), f"{label}: whole copy of {name} stale"
     if dist.get_rank() == 0:
         print(f"OK {label}: {len(ema.pairs)} parameters, {persistent} persistent, "
-              f"masters {'fp32' if any(x is not None for x in ema.masters) else 'none (fp32 weights)'}", flush=True)
+              f"masters {'fp32' if any(x is not None for x in ema.masters) else 'none (fp32 weights)'}"
+              + (", temperature from its fp32 master" if bf16 else ""), flush=True)
 
 
 def main() -> None:

@@ -50,12 +50,17 @@ def test_valid_config_resolves(tiny_data, tmp_path, monkeypatch):
     ({"--tokenizer": "no/such/dir"}, "--tokenizer: 'no/such/dir' is not a Hugging Face tokenizer directory"),
     ({"--max-steps": "0"}, "--max-steps must be >= 1"),
     ({"--momentum": "1.5"}, "objective.momentum=1.5 must be in [0, 1)"),
+    ({"--mlflow-uri": "file:///tmp/mlruns"}, "--mlflow-uri 'file:///tmp/mlruns' is a file store, which MLflow 3 "
+                                              "refuses; use sqlite:////tmp/mlruns.db"),
+    ({"--mlflow-uri": "outputs/mlruns"}, "use sqlite:///outputs/mlruns.db, an http(s):// tracking server"),
     ({"ds": {"train_batch_size": 30, "train_micro_batch_size_per_gpu": 8}},
      "train_batch_size=30 != train_micro_batch_size_per_gpu=8 x gradient_accumulation_steps=1 x data-parallel size 2"),
     ({"ds": {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 3}, "pipeline": {"stages": 2}}},
      "pipeline.stages=2 with zero_optimization.stage=3: DeepSpeed's pipeline engine supports ZeRO-0/1 only"),
     ({"ds": {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 1}, "pipeline": {"stages": 3}}},
      "pipeline.stages=3 does not divide the 2 ranks; launch a multiple of 3 processes"),
+    ({"ds": {"train_micro_batch_size_per_gpu": 8, "bf16": {"enabled": True}}},
+     "bf16 with zero_optimization.stage=0: DeepSpeed runs it through its fp16 optimizer"),
     ({"ds": {"train_micro_batch_size_per_gpu": 8, "pipeline": {"stages": 2, "partition_method": "uniform"}}},
      "pipeline.partition_method='uniform' is not one of parameters, flops; use \"parameters\" or \"flops\""),
     # 2 ranks in 2 stages leave one data-parallel rank: the batch arithmetic counts that one.
@@ -94,6 +99,36 @@ def test_shipped_deepspeed_configs_resolve(tiny_data, tmp_path, monkeypatch, con
     assert cfg.batch.global_batch == 2 * cfg.deepspeed_config["train_micro_batch_size_per_gpu"]
 
 
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory):
+    """64 one-sample shards: enough streams for a 64-GPU layout."""
+    from data_tools.make_demo_data import write_demo_shards
+
+    root = tmp_path_factory.mktemp("many")
+    write_demo_shards(root, n_train=64, n_val=4, seed=0, image_size=32, shard_size=1, quiet=True)
+    return root
+
+
+@pytest.mark.parametrize("config, preset, world, stages", [
+    ("zero3_1b.json", "1b", 16, 1), ("zero3_10b.json", "10b", 64, 1), ("pipe_10b.json", "10b", 64, 8)])
+def test_shipped_gpu_configs_resolve_at_their_cluster_size(tiny_data, many_shards, tmp_path, monkeypatch, config,
+                                                          preset, world, stages):
+    """The world sizes of slurm/pretrain_1b.sh (2 x 8 GPUs) and pretrain_10b.sh (8 x 8): the batch, the queue
+    and the stream layout agree, and every bf16 config reduces and accumulates gradients in fp32."""
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    dp = world // stages
+    args = args_for(tiny_data, tmp_path, **{"--deepspeed_config": str(ROOT / "ds_configs" / config), "--preset": preset,
+                                            "--train-shards": str(many_shards / "train-{000000..000063}.tar"),
+                                            "--data-streams": str(dp), "--max-steps": "200000"})
+    cfg = resolve(args)
+    ds = cfg.deepspeed_config
+    assert cfg.batch.pipeline_stages == stages and cfg.batch.data_parallel_size == dp
+    assert cfg.batch.global_batch == dp * ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
+    assert cfg.objective.queue_size % cfg.batch.global_batch == 0 and cfg.lr_warmup_steps == 20000
+    assert ds["bf16"]["enabled"] and ds["communication_data_type"] == "fp32"
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32"
+
+
 def test_pipeline_with_more_stages_than_layers_fails_before_launch(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "64")
     ds = {"ds": {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 1}, "pipeline": {"stages": 64}}}
@@ -108,7 +143,7 @@ def test_shipped_pipeline_configs_resolve(tiny_data, tmp_path, monkeypatch, conf
     args = args_for(tiny_data, tmp_path, **{"--deepspeed_config": str(ROOT / "ds_configs" / config), "--preset": preset})
     cfg = resolve(args)
     ds = cfg.deepspeed_config
-    assert cfg.batch.pipeline_stages == stages and cfg.batch.world_size == world // stages
+    assert cfg.batch.pipeline_stages == stages and cfg.batch.data_parallel_size == world // stages
     assert cfg.batch.global_batch == (world // stages) * ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
 
 

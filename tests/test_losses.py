@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wenlan.losses.infonce import batch_exclusion, clip_loss, exclusion_mask, info_nce, queue_logsumexp
+from wenlan.losses.infonce import batch_exclusion, clip_loss, queue_logsumexp
 from wenlan.losses.objective import ContrastivePretraining, ObjectiveConfig, caption_ids, queue_objective
 from wenlan.losses.queue import KeyQueues, consolidate, shard
 from wenlan.models import BriVL, get_preset
@@ -18,6 +18,20 @@ E = 8
 
 def unit(*shape, seed):
     return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def exclusion_mask(batch_ids: torch.Tensor, queue_ids: torch.Tensor, queue_valid: torch.Tensor,
+                   in_batch_negatives: bool, use_queue: bool, mask_duplicates: bool) -> torch.Tensor:
+    """(B, B + K) candidates [this batch's keys; a whole queue] that are not negatives for each query:
+    ``batch_exclusion``, then the queue while ``use_queue`` is off (warm-up), its unfilled slots, and
+    with ``mask_duplicates`` its slots carrying the query's id. The dense form of what
+    ``queue_objective`` applies piecewise (it skips unfilled slots rather than masking them)."""
+    in_queue = (~queue_valid).expand(batch_ids.shape[0], -1)  # (B, K)
+    if not use_queue:
+        in_queue = torch.ones_like(in_queue)
+    if mask_duplicates:
+        in_queue = in_queue | (batch_ids[:, None] == queue_ids[None, :])
+    return torch.cat([batch_exclusion(batch_ids, in_batch_negatives, mask_duplicates), in_queue], dim=1)
 
 
 def reference_loss(query, keys, queue, valid, ids, queue_ids, scale, in_batch, use_queue, mask_dup):
@@ -79,13 +93,18 @@ def test_queue_objective_matches_reference_both_directions(state, in_batch, mask
 
 
 def test_queue_warmup_uses_no_queue_negatives():
+    """With use_queue off, a full queue (whose keys would change the loss) adds no negatives: the loss is
+    in-batch InfoNCE in both directions."""
     queues = KeyQueues(6, E)
     fill(queues, 2, 3, seed=3)
-    q, k, ids = unit(3, E, seed=4), unit(3, E, seed=5), torch.tensor([1, 2, 3])
-    loss, _ = info_nce(q, k, torch.tensor(10.0), batch_exclusion(ids, True, True), torch.empty(3, 0),
-                       torch.full((3,), float("-inf")))
-    in_batch_only = F.cross_entropy(10.0 * q @ k.t(), torch.arange(3))
-    torch.testing.assert_close(loss, in_batch_only)
+    img_q, txt_q, img_k, txt_k = (unit(3, E, seed=s) for s in (4, 5, 6, 7))
+    ids, log_scale, cfg = torch.tensor([1, 2, 3]), torch.tensor(math.log(10.0)), ObjectiveConfig()
+    warm, _ = scored(queues, img_q, txt_q, img_k, txt_k, ids, log_scale, cfg, use_queue=False)
+    in_batch_only = F.cross_entropy(10.0 * img_q @ txt_k.t(), torch.arange(3)) + \
+        F.cross_entropy(10.0 * txt_q @ img_k.t(), torch.arange(3))
+    torch.testing.assert_close(warm, in_batch_only)
+    with_queue, _ = scored(queues, img_q, txt_q, img_k, txt_k, ids, log_scale, cfg, use_queue=True)
+    assert with_queue > warm + 0.1  # the queue's keys are real negatives once it is on
 
 
 def test_queue_logsumexp_splits_over_shards():
@@ -175,10 +194,11 @@ def test_queue_state_round_trip_across_shard_counts_and_errors():
 @pytest.mark.parametrize("cfg, global_batch, world, message", [
     (ObjectiveConfig(queue_size=100), 16, 2,
      "objective.queue_size=100 is not a multiple of the global batch 16 (= micro batch x grad accumulation x "
-     "world size 2); use --queue-size 96"),
+     "data-parallel size 2); use --queue-size 96"),
     (ObjectiveConfig(queue_size=0), 16, 2, "objective.queue_size=0 is smaller than the global batch 16"),
     (ObjectiveConfig(queue_size=100, queue_mode="sharded"), 20, 3,
-     "objective.queue_mode='sharded' splits objective.queue_size=100 over 3 ranks, which does not divide it; "
+     "objective.queue_mode='sharded' splits objective.queue_size=100 over 3 data-parallel ranks, which does not "
+     "divide it; "
      "use --queue-size 60"),
 ])
 def test_validate_batch_names_the_field_and_the_fix(cfg, global_batch, world, message):
@@ -201,8 +221,13 @@ def test_module_without_process_group_holds_the_whole_queue():
     assert (module.queues.shard, module.queues.num_shards) == (0, 1) and module.queues.image.shape == (64, 128)
     assert not any(k.startswith("queues.") for k in module.state_dict())  # saved via queues.state()
     input_ids = torch.randint(5, 70, (2, 8))
-    loss, stats, keys = module(torch.randn(2, 3, 64, 64), input_ids, torch.ones_like(input_ids), caption_ids(input_ids))
-    assert torch.isfinite(loss) and keys[0].shape == (2, 128) and not keys[0].requires_grad
+    loss = module(torch.randn(2, 3, 64, 64), input_ids, torch.ones_like(input_ids), caption_ids(input_ids))
+    module.gather.launch()  # the momentum keys the objective kept for the queue
+    image_keys, text_keys, ids = module.gather.wait()
+    assert torch.isfinite(loss) and image_keys.shape == text_keys.shape == (2, 128) and not image_keys.requires_grad
+    assert torch.equal(ids, caption_ids(input_ids))
+    loss_sum, acc_sum, temperature_sum, micro_batches = module.take_totals().tolist()
+    assert loss_sum == loss.item() and micro_batches == 1 and temperature_sum == pytest.approx(0.07)
 
 
 def test_momentum_update_equals_ema_formula():
@@ -244,3 +269,45 @@ def test_clip_loss_matches_formula_single_rank():
 def test_caption_ids_identify_identical_captions():
     ids = caption_ids(torch.tensor([[2, 5, 9, 3, 0], [2, 5, 9, 3, 0], [2, 9, 5, 3, 0]]))
     assert ids[0] == ids[1] and ids[0] != ids[2]
+
+
+def test_ema_of_bf16_working_weights_is_within_half_a_bf16_ulp_of_the_fp32_ema():
+    """Why ZeRO-0/1/2 may feed the EMA the online weights' bf16 working copy while ZeRO-3 feeds it their
+    fp32 master: the EMA is a convex combination, so its error never exceeds the largest error of its
+    inputs, which is half a bf16 ulp of the online weight (the working copy is the master's rounding).
+    The key tower computes with bf16 weights, i.e. at that resolution (the key is an average of recent
+    online values, of their magnitude). Checked elementwise over 3,000 Adam-sized steps of a drifting
+    tensor, with the EMAs' own fp32 rounding (2^16 times smaller) accounted for."""
+    g = torch.Generator().manual_seed(0)
+    master = torch.randn(4096, generator=g) * 0.05  # the online tensor's fp32 master
+    online = {"fp32": torch.nn.Parameter(master.clone()), "bf16": torch.nn.Parameter(master.bfloat16())}
+    keys = {k: torch.nn.Parameter(master.bfloat16(), requires_grad=False) for k in online}
+    emas = {k: MomentumEMA([(k, online[k], keys[k])]) for k in online}
+    worst_input_error = (master - master.bfloat16().float()).abs()
+    for step in range(3000):
+        m = 0.0 if step == 0 else 0.999
+        for k, ema in emas.items():
+            ema.update(m)
+        difference = (emas["fp32"].masters[0] - emas["bf16"].masters[0]).abs()
+        # plus both EMAs' own fp32 rounding, at most one fp32 ulp per step, contracted by m: <= 2 eps |x| / (1 - m)
+        fp32_rounding = 2 * torch.finfo(torch.float32).eps * emas["fp32"].masters[0].abs() / (1 - 0.999)
+        assert (difference <= worst_input_error + fp32_rounding).all(), f"step {step}"
+        master += 1e-4 * torch.randn(4096, generator=g).sign() * (step % 7 != 0)  # lr-sized, drifting
+        with torch.no_grad():
+            online["fp32"].copy_(master)
+            online["bf16"].copy_(master.bfloat16())
+        worst_input_error = torch.maximum(worst_input_error, (master - master.bfloat16().float()).abs())
+    assert (emas["fp32"].masters[0] != emas["bf16"].masters[0]).any()  # the inputs really differed
+
+
+def test_clip_logits_are_fp32_for_bf16_embeddings():
+    """bf16 towers: the logits are formed in fp32 from the (exactly upcast) embeddings. At a scale of
+    100, logits formed in bf16 would be rounded to 0.25-0.5 apart and the loss would move by ~1e-2."""
+    img, txt = unit(64, 256, seed=30).bfloat16(), unit(64, 256, seed=31).bfloat16()
+    scale = torch.tensor(100.0)
+    loss, _ = clip_loss(img, txt, img, txt, 0, scale)
+    exact, _ = clip_loss(img.float(), txt.float(), img.float(), txt.float(), 0, scale)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, exact, rtol=0, atol=0)
+    rounded = (scale * img @ txt.t()).float()  # what bf16 logits would have been
+    assert (rounded - (scale * img.float() @ txt.float().t())).abs().max() > 0.05

@@ -152,3 +152,42 @@ def test_blocks_in_order_compute_the_forward(backbone, kwargs):
                 names += [path] if isinstance(obj, torch.nn.Parameter) else \
                     [f"{path}.{n}" for n, _ in obj.named_parameters()]
         assert sorted(names) == sorted(n for n, _ in tower.named_parameters())
+
+
+def test_training_modes_of_key_towers_and_frozen_batchnorm():
+    """In training the momentum (key) towers run without dropout and with batch-statistics BatchNorm;
+    BatchNorm of frozen blocks keeps its running statistics in both towers. The modes survive the
+    eval/train switch of an evaluation, and a pipeline layer gets the same modes as the whole model."""
+    from dataclasses import replace
+
+    from wenlan.losses.objective import ObjectiveConfig
+    from wenlan.parallel.momentum import MomentumEMA
+    from wenlan.parallel.pipeline import ObjectiveLayer, TowerLayer, pipeline_layers
+
+    tiny = get_preset("tiny")
+    cfg = replace(tiny, image=replace(tiny.image, backbone="test_efficientnet", dropout=0.3,
+                                      trainable_prefixes=("blocks.1", "blocks.2", "conv_head", "bn2")),
+                  text=replace(tiny.text, dropout=0.3))
+    torch.manual_seed(0)
+    model = BriVL(cfg)
+    MomentumEMA(list(model.named_momentum_pairs())).update(0.0)
+    for _ in range(2):  # the second round: after an evaluation's eval()/train()
+        model.train()
+        for tower in (model.image_tower, model.momentum_image_tower):
+            assert not tower.backbone.net.bn1.training  # frozen (stem): running statistics
+            assert tower.backbone.net.bn2.training  # trainable: batch statistics, in both towers
+        assert not any(m.training for m in model.momentum_text_tower.modules())  # no dropout, no BatchNorm
+        assert all(m.training for m in model.text_tower.modules())
+        images, ids, mask = tiny_batch()
+        first, second = model(images, ids, mask), model(images, ids, mask)
+        assert not torch.equal(first[1], second[1])  # online: dropout draws differ
+        torch.testing.assert_close(first[3], second[3], rtol=0, atol=0)  # keys: deterministic
+        model.eval()
+        assert not any(m.training for m in model.modules())
+    layers = [layer for layer in pipeline_layers(model, ObjectiveLayer(ObjectiveConfig(), cfg.embed_dim))
+              if isinstance(layer, TowerLayer)]
+    model.train()
+    expected = {id(m): m.training for m in model.modules()}
+    for layer in layers:
+        layer.train()
+        assert all(m.training == expected[id(m)] for m in layer.modules() if id(m) in expected)

@@ -3,7 +3,6 @@ ZeRO-3 in fp32, ZeRO-3 with bf16 weights + fp32 masters, and ZeRO-1 bf16 (whole 
 parameter including the small ones ZeRO-3 keeps whole (see tests/momentum_check.py)."""
 
 import json
-from pathlib import Path
 
 from data_tools.make_demo_data import write_demo_shards
 from tests.helpers import DEEPSPEED, ROOT, cpu_env, free_port
@@ -33,3 +32,4 @@ def test_partition_local_ema_equals_whole_tensor_formula(tmp_path):
     zero3 = [line for line in lines if line.startswith("OK zero3")]
     assert all(" 0 persistent" not in line for line in zero3)  # the small whole-kept ones were covered
     assert "masters fp32" in lines[1] and "masters fp32" in lines[2] and "masters none" in lines[0]
+    assert all("temperature from its fp32 master" in line for line in lines[1:])

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from data_tools.make_demo_data import write_demo_shards
-from tests.helpers import ROOT, assert_close_per_tensor, cpu_env, equivalence_args, exported, launch, run_until_killed
+from tests.helpers import (ROOT, assert_close_per_tensor, cpu_env, equivalence_args, exported, launch, metric_history,
+                           run_until_killed)
 
 STEPS = 6
 MICRO = 16  # the in-batch negatives are a micro-batch's: every run uses the same micro-batch
@@ -79,6 +80,17 @@ def test_pipeline_equals_plain_engine(runs, layout):
     assert_close_per_tensor(reference, other, layout)
     w = "text_tower.head.fc1.weight"  # it trained: the online towers left their momentum copies behind
     assert (reference[w] - reference["momentum." + w]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("layout", ["pipe-2stage", "pipe-2stage-x2dp"])
+def test_pipeline_gradient_norm_equals_plain_engine_every_step(runs, layout):
+    """The norm before clipping, over every stage's gradients: a scale error (1/micro-batches, 1/replicas)
+    that AdamW and clipping would hide from the weights shows here."""
+    reference = metric_history(runs["plain-1rank"][0], "grad_norm")
+    other = metric_history(runs[layout][0], "grad_norm")
+    assert sorted(reference) == sorted(other) == list(range(1, STEPS + 1))
+    for step, norm in reference.items():
+        assert other[step] == pytest.approx(norm, rel=1e-5), f"step {step}"
 
 
 def test_pipeline_checkpoint_holds_layers_per_stage(runs):

@@ -1,4 +1,5 @@
-"""The queue manager and the distributed objectives on real gloo process groups (2 and 4 ranks).
+"""The queue manager, the distributed objectives and the trainer's collective decisions on real gloo
+process groups (2 and 4 ranks).
 
 One spawn per world size runs every check below (process start-up dominates on 2 cores); each check
 records its own outcome and the test functions report them one by one. References are computed in
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from tests.helpers import free_port
 from wenlan.losses.objective import ContrastivePretraining, ObjectiveConfig, clip_objective, queue_objective
-from wenlan.losses.queue import KeyGather, KeyQueues, consolidate, gather_keys, shard
+from wenlan.losses.queue import KeyGather, KeyQueues, all_gather_single, consolidate, shard
 
 E = 8
 CHECKS = {}
@@ -41,6 +42,13 @@ def step_keys(step: int, rank: int, micro: int, batch: int):
     """Momentum keys of one rank's micro-batch: (image (B, E), text (B, E), ids (B,)), distinct everywhere."""
     tag = 1000 * step + 100 * rank + 10 * micro
     return unit(batch, E, seed=tag), unit(batch, E, seed=tag + 5), torch.arange(batch) + tag
+
+
+def gather_keys(x: torch.Tensor) -> torch.Tensor:
+    """The blocking reference gather: (B, ...) on each rank -> (world * B, ...) in rank order."""
+    out = x.new_empty((dist.get_world_size() * x.shape[0], *x.shape[1:]))
+    all_gather_single(out, x.contiguous())  # no gradient
+    return out
 
 
 def all_equal_across_ranks(t: torch.Tensor) -> bool:
@@ -154,10 +162,7 @@ def sharded_matches_replicated(rank, world):
 @check
 def contrastive_pretraining_module(rank, world):
     """The trainer's module in sharded mode takes its shard from the process group, and a step of it
-    (forward, backward, gather, enqueue) matches replicated mode on the same model. At 2 ranks only:
-    building the towers costs more than every other check, and the loss itself is covered at 4."""
-    if world != 2:
-        return
+    (forward, backward, gather, enqueue) matches replicated mode on the same model."""
     from wenlan.models import BriVL, get_preset
     from wenlan.parallel.momentum import MomentumEMA
 
@@ -168,6 +173,7 @@ def contrastive_pretraining_module(rank, world):
                for mode in ("replicated", "sharded")}
     assert (modules["sharded"].queues.shard, modules["sharded"].queues.num_shards) == (rank, world)
     assert modules["sharded"].queues.image.shape == (8, 128)
+    assert modules["replicated"].queues.image.shape == (8 * world, 128)
     g = torch.Generator().manual_seed(rank)
     B, failures = 2, []
     for step in range(2):  # an empty queue, then one holding the first step's keys
@@ -178,12 +184,10 @@ def contrastive_pretraining_module(rank, world):
         for mode, module in modules.items():
             model.zero_grad(set_to_none=True)
             module.log_scale.grad = None
-            loss, stats, keys = module(images, input_ids, torch.ones_like(input_ids), ids)
+            loss = module(images, input_ids, torch.ones_like(input_ids), ids)
+            module.gather.launch()  # the step's keys, gathered by the objective while the backward runs
             loss.backward()
-            gather = KeyGather()
-            gather.add(*keys)
-            gather.launch()
-            module.queues.enqueue(*gather.wait())
+            module.queues.enqueue(*module.gather.wait())
             scale_grad = module.log_scale.grad.clone()
             dist.all_reduce(scale_grad)  # no gradient
             grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
@@ -259,6 +263,61 @@ def clip_matches_global_formula(rank, world):
     assert stats["acc_i2t"].item() == (logits.argmax(1) == torch.arange(B) + rank * B).float().mean().item()
 
 
+@check
+def running_stats_averaged(rank, world):
+    """BatchNorm layers trained on each rank's own batches end a step with their running statistics
+    replaced by the mean over the ranks: identical everywhere, the mean of what each rank had."""
+    from wenlan.parallel.strategy import average_running_stats, running_stats
+
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.BatchNorm1d(6))
+    every_rank = []
+    for r in range(world):  # each rank's own update, rebuilt on every rank for the reference
+        torch.manual_seed(0)
+        replica = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.ReLU(),
+                                      torch.nn.BatchNorm1d(6)).train()
+        replica(torch.randn(16, 4, generator=torch.Generator().manual_seed(r)) * (r + 1))
+        every_rank.append([b.clone() for b in running_stats(replica)])
+        if r == rank:
+            model.load_state_dict(replica.state_dict())
+    buffers = running_stats(model)
+    assert len(buffers) == 4 and not torch.equal(buffers[0], every_rank[(rank + 1) % world][0])
+    average_running_stats(buffers)
+    for mine, parts in zip(buffers, zip(*every_rank)):
+        torch.testing.assert_close(mine, torch.stack(parts).mean(0))
+        assert all_equal_across_ranks(mine)
+
+
+@check
+def resume_decided_by_rank0(rank, world):
+    """Whether and from where a run resumes is rank 0's decision, whatever the other ranks would see:
+    here rank 0's output directory holds a complete checkpoint and the others' hold none (a shared file
+    system seen differently), and every rank resumes from rank 0's tag. A bad --resume fails on every rank
+    with rank 0's message instead of leaving the others waiting in a collective."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from wenlan.parallel.checkpoint import COMPLETE, Checkpointer, decided_by_rank0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / f"run-seen-by-rank{rank}"
+        if rank == 0:
+            (out / "checkpoints" / "step00000004").mkdir(parents=True)
+            (out / "checkpoints" / "step00000004" / COMPLETE).write_text(json.dumps({"data_streams": 8}))
+        cfg = SimpleNamespace(output_dir=str(out), resume="auto", data_streams=8 * (rank + 1))
+        checkpointer = Checkpointer(cfg)
+        assert checkpointer.where[1] == "step00000004" and str(checkpointer.where[0]).endswith("rank0/checkpoints")
+        assert cfg.data_streams == 8  # rank 0's stream count
+        bad = SimpleNamespace(output_dir=str(out), resume=str(Path(tmp) / "nowhere"), data_streams=8)
+        try:
+            Checkpointer(bad)
+        except ValueError as err:
+            assert str(err).startswith("rank 0: ValueError: --resume:"), err
+        else:
+            raise AssertionError("a bad --resume on rank 0 must fail on every rank")
+        assert decided_by_rank0(lambda: rank) == 0
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     faulthandler.enable()  # a native abort then prints where each Python thread was
     torch.set_num_threads(1)
@@ -320,3 +379,11 @@ def test_queue_checkpoint_consolidate_and_reshard(ranks):
 
 def test_clip_loss_and_gradients_equal_the_global_batch_formula(ranks):
     outcome(ranks, "clip_matches_global_formula")
+
+
+def test_batchnorm_running_statistics_averaged_over_ranks(ranks):
+    outcome(ranks, "running_stats_averaged")
+
+
+def test_resume_is_decided_by_rank0_for_every_rank(ranks):
+    outcome(ranks, "resume_decided_by_rank0")

@@ -1,7 +1,8 @@
 """The Slurm scripts on a real Slurm cluster (slurmctld + two emulated slurmd nodes on this machine, see
 tests/slurm_cluster.py): `sbatch --wait slurm/pretrain_10b.sh` with the tiny preset on CPU across two
 nodes, pre-emption (USR1 -> checkpoint -> requeue -> resume) ending bit for bit where the uninterrupted
-job ends, and slurm/make_shards.sh as an array job. The three jobs run side by side on the cluster."""
+job ends, and slurm/make_shards.sh as an array job. The three jobs run side by side on the cluster; then
+a job started from another run's checkpoint (RESUME=PATH) is pre-empted and must come back from its own."""
 
 import json
 import os
@@ -203,3 +204,36 @@ def test_make_shards_array_job_equals_single_process(jobs):
     for name in names:
         assert (array / name).read_bytes() == (single / name).read_bytes(), name
     assert json.loads((array / "stats.json").read_text()) == json.loads((single / "stats.json").read_text())
+
+
+def test_resume_path_applies_to_the_first_start_only(jobs):
+    """RESUME=PATH starts the job from the reference job's final checkpoint (step 6); pre-empted at step
+    k > 6 and requeued, the job resumes from its own checkpoint of step k, not from PATH again: every step
+    7..20 runs exactly once over the job's two starts."""
+    cluster, tmp, ref = jobs["cluster"], jobs["tmp"], jobs["ref"]
+    assert ref["rc"] == 0, read(ref["log"])
+    source = ref["out"] / "checkpoints" / f"step{STEPS:08d}"
+    # Room after the signal: the ranks agree to stop one step after the step they were signalled in.
+    out, log_file, total = tmp / "from-path" / "out", tmp / "from-path.out", STEPS + 14
+    env = dict(train_env(cluster, tmp / "data", out), RESUME=str(source), MAX_STEPS=str(total))
+    job = cluster.run("sbatch", "--parsable", *CPU_FLAGS, f"--output={log_file}", "slurm/pretrain_10b.sh",
+                      cwd=ROOT, env=env).stdout.strip().split(";")[0]
+    deadline = time.monotonic() + TIMEOUT
+    while f"step      {STEPS + 2}/" not in read(log_file):
+        assert time.monotonic() < deadline and not completions(cluster, job), read(log_file) + cluster.tail()
+        time.sleep(0.5)
+    cluster.run("scancel", "--signal=USR1", "--batch", job)
+    while "COMPLETED" not in completions(cluster, job):
+        failed = {"FAILED", "CANCELLED", "TIMEOUT"} & set(completions(cluster, job))
+        assert time.monotonic() < deadline and not failed, read(log_file) + cluster.tail()
+        time.sleep(1)
+    log = read(log_file)
+    stopped = re.search(r"pre-empted \(SIGUSR1\): checkpoint of step (\d+) saved", log)
+    assert stopped, log
+    k = int(stopped.group(1))
+    assert STEPS + 2 <= k < total
+    assert f"resumed from {source.parent}/{source.name} at step {STEPS} on 2 ranks" in log
+    assert f"RESUME={source} applies to the first start only" in log
+    assert f"resumed from {out / 'checkpoints'}/step{k:08d} at step {k} on 2 ranks" in log
+    assert [int(n) for n in re.findall(rf"^step +(\d+)/{total} ", log, re.M)] == list(range(STEPS + 1, total + 1))
+    assert log.rstrip().endswith("training finished with exit code 0")

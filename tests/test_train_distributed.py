@@ -91,7 +91,7 @@ def test_two_rank_training_writes_contract_outputs(two_rank_run):
     log = two_rank_run["first"].stdout
     assert "step      4/4" in log and "image->text" in log
     assert json.loads((out / "config.json").read_text())["batch"] == {"micro_batch": 64, "grad_accum": 1,
-                                                                       "world_size": 2, "pipeline_stages": 1}
+                                                                       "data_parallel_size": 2, "pipeline_stages": 1}
     for tag in ("step00000002", "step00000004", "step00000005"):
         assert (out / "checkpoints" / tag).is_dir()
     metrics = json.loads((out / "eval.json").read_text())

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from data_tools.make_demo_data import write_demo_shards
-from tests.helpers import ROOT, assert_close_per_tensor, equivalence_args, exported, launch, run_until_killed
+from tests.helpers import (ROOT, assert_close_per_tensor, equivalence_args, exported, launch, metric_history,
+                           run_until_killed)
 
 STEPS = 10
 GLOBAL_BATCH = 32
@@ -32,7 +33,7 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
-def ds_config(tmp: Path, stage: int, micro: int, accum: int) -> str:
+def ds_config(tmp: Path, stage: int, micro: int, accum: int, bf16: bool = False) -> str:
     cfg = json.loads((ROOT / "ds_configs" / "cpu_tiny.json").read_text())
     cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
     # A gentle LR: contrastive training of a random model at 1e-3 is chaotic enough to grow a 1e-7
@@ -43,7 +44,12 @@ def ds_config(tmp: Path, stage: int, micro: int, accum: int) -> str:
         # Small enough that biases and norms stay whole (persistent) while matrices are partitioned.
         cfg["zero_optimization"].update(stage3_param_persistence_threshold=1000, reduce_bucket_size=100_000,
                                         stage3_prefetch_bucket_size=100_000)
-    path = tmp / f"ds_zero{stage}_{micro}x{accum}.json"
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
+        if stage > 0:  # the shipped GPU configs' reduction and accumulation dtypes
+            shipped = json.loads((ROOT / "ds_configs" / "zero3_10b.json").read_text())
+            cfg.update(communication_data_type=shipped["communication_data_type"], data_types=shipped["data_types"])
+    path = tmp / f"ds_zero{stage}_{micro}x{accum}{'_bf16' if bf16 else ''}.json"
     path.write_text(json.dumps(cfg))
     return str(path)
 
@@ -76,6 +82,69 @@ def test_two_ranks_equal_one_rank_zero0(runs, strategy):
     w = "image_tower.head.fc1.weight"
     assert (reference[w] - reference["momentum." + w]).abs().max() > 1e-5
     assert reference["queue.filled"].item() == QUEUE and reference["queue.ptr"].item() == (STEPS * GLOBAL_BATCH) % QUEUE
+
+
+@pytest.mark.parametrize("strategy", ["zero1-2rank", "zero2-2rank", "zero3-2rank"])
+def test_gradient_norm_before_clipping_equals_one_rank_every_step(runs, strategy):
+    """AdamW is blind to the gradients' scale and clipping caps it, so the weights alone would pass a
+    missing 1/accumulation or 1/world factor; the norm of the averaged gradients, before clipping,
+    would be off by that factor at every step."""
+    reference, other = metric_history(runs["zero0-1rank"], "grad_norm"), metric_history(runs[strategy], "grad_norm")
+    assert sorted(reference) == sorted(other) == list(range(1, STEPS + 1))
+    assert reference[1] > 1.0  # clipped (gradient_clipping 1.0): the weights could not tell a scale error
+    for step, norm in reference.items():
+        assert other[step] == pytest.approx(norm, rel=1e-5), f"step {step}"
+
+
+BF16_ROUNDOFF = 2.0 ** -8
+"""bf16's unit roundoff: 8 significant bits, so one rounding changes a value by at most 2^-8 of it."""
+
+
+def test_bf16_zero3_two_ranks_follow_one_rank(data, tmp_path):
+    """bf16 weights, ZeRO-3 on 2 ranks against one rank accumulating two micro-batches, for 10 steps,
+    both with the shipped GPU configs' fp32 gradient reduction and accumulation. The one-rank run is
+    ZeRO-1, which on one rank shards nothing: DeepSpeed 0.19's ZeRO-0 runs bf16 weights through its fp16
+    optimizer (FP16_UnfusedOptimizer), which on these same gradients takes first steps 0.74x as long as
+    ZeRO-1/2/3 do (measured), and it cannot accumulate in fp32; ``wenlan.config`` refuses bf16 with ZeRO-0.
+
+    Per step, a derived bound: both runs start from the same bf16 weights and fp32 masters, see the same
+    micro-batches and run the same bf16 forward; they differ only in the order of fp32 gradient sums
+    (accumulation vs reduce-scatter), ~2^-24 relatively. That reaches the forward only where it makes a
+    master round to the other bf16 neighbour, a change of at most one bf16 rounding, u = 2^-8 relatively.
+    So each step adds at most u of relative difference to the scalars it produces, and to first order
+    these add up: loss and gradient norm agree within t * u after step t.
+
+    The weights after 10 steps: Adam turns a gradient that is at the level of that noise (biases next to
+    normalisation layers, BERT's key biases) into full +-lr steps in either direction, so no first-order
+    bound holds per element. What must hold is that the two bf16 strategies are closer to each other than
+    bf16 is to fp32: the same one-rank run in fp32 measures what bf16 rounding alone does to these weights,
+    and a strategy error (a gradient scale, an EMA source, the temperature) would add to it."""
+    outs = {}
+    for name, ranks, stage, accum, bf16 in (("zero1-1rank", 1, 1, 2, True), ("zero3-2rank", 2, 3, 1, True),
+                                           ("fp32-1rank", 1, 1, 2, False)):
+        outs[name] = tmp_path / name
+        ds = ds_config(tmp_path, stage, GLOBAL_BATCH // 2, accum, bf16=bf16)
+        launch(ranks, equivalence_args(data, outs[name], ds, STEPS, QUEUE))
+    for key in ("loss", "grad_norm"):
+        reference, other = metric_history(outs["zero1-1rank"], key), metric_history(outs["zero3-2rank"], key)
+        assert sorted(reference) == sorted(other) == list(range(1, STEPS + 1)), key
+        for step, value in reference.items():
+            assert abs(other[step] - value) <= step * BF16_ROUNDOFF * abs(value), f"{key} at step {step}"
+    reference, other, fp32 = (exported(outs[name]) for name in ("zero1-1rank", "zero3-2rank", "fp32-1rank"))
+    assert set(reference) == set(other) == set(fp32)
+    groups = {"online towers": [n for n in reference if n.startswith(("image_tower.", "text_tower."))],
+              "momentum towers": [n for n in reference if n.startswith("momentum.")],
+              "queues": ["queue.image", "queue.text"], "temperature": ["log_scale"]}
+    assert len(groups["online towers"]) == len(groups["momentum towers"]) > 100
+
+    def distance(a: dict, b: dict, names: list[str]) -> float:
+        return sum(((a[n] - b[n]).double() ** 2).sum() for n in names).sqrt().item()
+
+    for what, names in groups.items():
+        between_strategies, bf16_rounding = distance(other, reference, names), distance(fp32, reference, names)
+        assert between_strategies < bf16_rounding, f"{what}: {between_strategies:.3e} vs bf16 {bf16_rounding:.3e}"
+    for name in ("queue.ids", "queue.ptr", "queue.filled"):
+        assert torch.equal(other[name], reference[name]), name
 
 
 def test_zero3_partitions_the_momentum_towers(runs):

@@ -5,7 +5,7 @@ evaluation rebuild exactly the trained model."""
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from wenlan.data.index import shard_counts
@@ -32,13 +32,13 @@ class BatchConfig:
 
     micro_batch: int
     grad_accum: int
-    world_size: int
-    """Data-parallel ranks (all ranks, or ranks per pipeline stage)."""
+    data_parallel_size: int
+    """Data-parallel ranks: all ranks, or the ranks of one pipeline stage (world size / stages)."""
     pipeline_stages: int = 1
 
     @property
     def global_batch(self) -> int:
-        return self.micro_batch * self.grad_accum * self.world_size
+        return self.micro_batch * self.grad_accum * self.data_parallel_size
 
 
 @dataclass
@@ -70,7 +70,6 @@ class TrainConfig:
     resume: str = "auto"
     mlflow_uri: str | None = None
     mlflow_experiment: str = "wenlan"
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -98,7 +97,7 @@ def read_deepspeed_config(path: str) -> dict:
         raise ValueError(f"--deepspeed_config: {path} is not valid JSON ({err})") from None
 
 
-def batch_from_deepspeed(ds: dict, world_size: int) -> BatchConfig:
+def batch_from_deepspeed(ds: dict, data_parallel_size: int) -> BatchConfig:
     """DeepSpeed accepts any two of (train_batch_size, micro batch, grad accumulation); resolve the third
     here so a mismatch fails now with a clear message instead of inside deepspeed.initialize."""
     micro = ds.get("train_micro_batch_size_per_gpu")
@@ -109,17 +108,17 @@ def batch_from_deepspeed(ds: dict, world_size: int) -> BatchConfig:
                          "gradient_accumulation_steps or train_batch_size)")
     if micro is None:
         accum = accum or 1
-        micro, rem = divmod(total, accum * world_size)
+        micro, rem = divmod(total, accum * data_parallel_size)
         if rem or micro == 0:
             raise ValueError(f"DeepSpeed config: train_batch_size={total} is not divisible by "
-                             f"gradient_accumulation_steps={accum} x data-parallel size {world_size}")
+                             f"gradient_accumulation_steps={accum} x data-parallel size {data_parallel_size}")
     elif accum is None:
-        accum = 1 if total is None else total // (micro * world_size)
-    if total is not None and total != micro * accum * world_size:
+        accum = 1 if total is None else total // (micro * data_parallel_size)
+    if total is not None and total != micro * accum * data_parallel_size:
         raise ValueError(f"DeepSpeed config: train_batch_size={total} != train_micro_batch_size_per_gpu={micro} x "
-                         f"gradient_accumulation_steps={accum} x data-parallel size {world_size}; fix one of them "
-                         "or drop train_batch_size")
-    return BatchConfig(micro_batch=micro, grad_accum=accum, world_size=world_size)
+                         f"gradient_accumulation_steps={accum} x data-parallel size {data_parallel_size}; fix one of "
+                         "them or drop train_batch_size")
+    return BatchConfig(micro_batch=micro, grad_accum=accum, data_parallel_size=data_parallel_size)
 
 
 def check_pipeline(ds: dict, zero_stage: int, world_size: int) -> int:
@@ -164,6 +163,18 @@ def _resumed_streams(args) -> int | None:
     return json.loads((where[0] / where[1] / COMPLETE).read_text()).get("data_streams")
 
 
+def _check_mlflow_uri(uri: str | None) -> None:
+    """MLflow 3 refuses a file store (a ``file:`` URI or a bare path) unless MLFLOW_ALLOW_FILE_STORE=true;
+    found here rather than on rank 0 after every process group has started."""
+    if uri is None or os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() == "true":
+        return
+    looks_like_path = ":" not in uri and (uri.startswith((".", "/", "~")) or "/" in uri)
+    if uri.startswith("file:") or looks_like_path:
+        raise ValueError(f"--mlflow-uri {uri!r} is a file store, which MLflow 3 refuses; use "
+                         f"sqlite:///{uri.removeprefix('file://').removeprefix('file:').rstrip('/') or 'mlruns'}"
+                         ".db, an http(s):// tracking server, or set MLFLOW_ALLOW_FILE_STORE=true")
+
+
 def resolve(args) -> TrainConfig:
     """Command line -> validated TrainConfig. Raises ValueError naming the flag/field and the fix."""
     model = get_preset(args.preset)
@@ -173,6 +184,7 @@ def resolve(args) -> TrainConfig:
         if value is not None:
             setattr(objective, key, value)
     objective.validate()
+    _check_mlflow_uri(args.mlflow_uri)
     if args.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1 (got {args.max_steps})")
     ds = read_deepspeed_config(args.deepspeed_config)
@@ -181,25 +193,29 @@ def resolve(args) -> TrainConfig:
         raise ValueError(f"DeepSpeed config: zero_optimization.stage={stage} is not a ZeRO stage; use 0, 1, 2 or 3")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     stages = check_pipeline(ds, stage, world_size)
+    if stage == 0 and stages == 1 and ds.get("bf16", {}).get("enabled"):
+        raise ValueError("DeepSpeed config: bf16 with zero_optimization.stage=0: DeepSpeed runs it through its fp16 "
+                         "optimizer, which accumulates gradients in bf16 and steps differently from every other "
+                         "stage (0.74x the first step, measured); use stage 1, which on one GPU shards nothing")
     if stages > 1:
         from wenlan.parallel.pipeline import check_stages, partition_method
 
         check_stages(model, objective, stages, partition_method(ds))
-    world_size //= stages  # data-parallel ranks: each pipeline holds one model replica
-    batch = batch_from_deepspeed(ds, world_size)
+    data_parallel_size = world_size // stages  # each pipeline holds one model replica
+    batch = batch_from_deepspeed(ds, data_parallel_size)
     batch.pipeline_stages = stages
     if objective.name == "brivl":
-        objective.validate_batch(batch.global_batch, world_size)
+        objective.validate_batch(batch.global_batch, data_parallel_size)
     if not (Path(args.tokenizer) / "tokenizer_config.json").is_file():
         raise ValueError(f"--tokenizer: {args.tokenizer!r} is not a Hugging Face tokenizer directory "
                          "(no tokenizer_config.json); `make demo-data` writes data/demo/tokenizer")
     _check_shards("--train-shards", args.train_shards)
     _check_shards("--val-shards", args.val_shards)
-    streams = args.data_streams or _resumed_streams(args) or default_streams(world_size)
+    streams = args.data_streams or _resumed_streams(args) or default_streams(data_parallel_size)
     try:
         urls = expand_shards(args.train_shards)
         counts = shard_counts(urls)  # the index beside the shards, if any: checked before any process starts
-        check_train_layout(len(urls), streams, world_size, batch.global_batch,
+        check_train_layout(len(urls), streams, data_parallel_size, batch.global_batch,
                            nonempty=sum(n > 0 for n in counts.samples) if counts is not None else None)
     except ValueError as err:
         raise ValueError(f"--train-shards / --data-streams: {err}") from None
@@ -207,7 +223,9 @@ def resolve(args) -> TrainConfig:
         preset=args.preset, model=model, objective=objective, batch=batch, deepspeed_config=ds,
         tokenizer=args.tokenizer, train_shards=list(args.train_shards), val_shards=list(args.val_shards),
         output_dir=args.output_dir, max_steps=args.max_steps, seed=args.seed,
-        lr_warmup_steps=min(100, args.max_steps // 10) if args.warmup_steps is None else args.warmup_steps,
+        # Proportional: a 200,000-step run at global batch 4,096 warms up over 20,000 steps, as large
+        # contrastive runs do; the demo's 800 steps over 80.
+        lr_warmup_steps=args.max_steps // 10 if args.warmup_steps is None else args.warmup_steps,
         eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every,
         num_workers=args.num_workers, data_streams=streams, color_augment=not args.no_color_augment, resume=args.resume,
         mlflow_uri=args.mlflow_uri, mlflow_experiment=args.mlflow_experiment)

@@ -43,6 +43,13 @@ class Tracker:
         run_id_file.write_text(self.run.info.run_id)
         log.info("MLflow run %s in %s", self.run.info.run_id, uri)
 
+    def start(self, cfg, restarts: int, step: int) -> None:
+        """What every (re)start records: the resolved config as params (only new ones: MLflow params are
+        immutable), the restart count, and the DeepSpeed config as an artifact."""
+        self.log_params(cfg.to_dict())
+        self.log_metrics({"restarts": restarts}, step=step)
+        self.log_dict(cfg.deepspeed_config, "deepspeed_config.json")
+
     def log_params(self, params: dict) -> None:
         if not self.enabled:
             return

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 
 
-def load_tokenizer(path: str):
-    """Load the tokenizer given by `--tokenizer` with `transformers.AutoTokenizer`.
+def load_tokenizer(path: str, vocab_size: int | None = None):
+    """Load the tokenizer given by `--tokenizer` with `transformers.AutoTokenizer`; with `vocab_size`
+    (a text tower built from config, not from a pretrained encoder) check that its ids fit.
 
     A local path that does not exist fails here with a message naming the flag, rather than
     as a confusing Hub lookup error deep inside transformers.
@@ -25,4 +26,7 @@ def load_tokenizer(path: str):
         raise FileNotFoundError(f"--tokenizer: cannot load a tokenizer from {path!r}: {e}") from e
     if tok.pad_token is None:
         raise ValueError(f"--tokenizer: {path!r} has no pad token; batches are padded to max_text_len")
+    if vocab_size is not None and len(tok) > vocab_size:
+        raise ValueError(f"--tokenizer has {len(tok)} tokens but the preset's text.vocab_size is {vocab_size}; "
+                         "use a smaller vocabulary or a larger preset")
     return tok

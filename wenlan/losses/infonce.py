@@ -29,20 +29,6 @@ def batch_exclusion(ids: torch.Tensor, in_batch_negatives: bool, mask_duplicates
     return excluded
 
 
-def exclusion_mask(batch_ids: torch.Tensor, queue_ids: torch.Tensor, queue_valid: torch.Tensor,
-                   in_batch_negatives: bool, use_queue: bool, mask_duplicates: bool) -> torch.Tensor:
-    """(B, B + K) candidates [this batch's keys; a whole queue] that are not negatives for each query:
-    ``batch_exclusion``, then the queue while ``use_queue`` is off (warm-up), its unfilled slots, and
-    with ``mask_duplicates`` its slots carrying the query's id. The dense form of what
-    ``queue_objective`` applies piecewise (it skips unfilled slots rather than masking them)."""
-    in_queue = (~queue_valid).expand(batch_ids.shape[0], -1)  # (B, K)
-    if not use_queue:
-        in_queue = torch.ones_like(in_queue)
-    if mask_duplicates:
-        in_queue = in_queue | (batch_ids[:, None] == queue_ids[None, :])
-    return torch.cat([batch_exclusion(batch_ids, in_batch_negatives, mask_duplicates), in_queue], dim=1)
-
-
 class _QueueLogSumExp(torch.autograd.Function):
     """log-sum-exp over a constant queue in one (R, n) buffer: logits -> softmax in place, kept for the
     backward, which needs only the softmax-weighted queue key of each query (one matmul):
@@ -115,8 +101,10 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, all_image: torch.Tensor, 
     (N*B, E) embeddings of the whole global batch (gathered with gradient); this rank's positives sit
     at ``offset`` + i. Returns the mean of the two directions and the image->text accuracy."""
     labels = torch.arange(image.shape[0], device=image.device) + offset
-    logits_i2t = scale * image @ all_text.t()  # (B, N*B)
-    logits_t2i = scale * text @ all_image.t()  # (B, N*B)
-    loss = (F.cross_entropy(logits_i2t.float(), labels) + F.cross_entropy(logits_t2i.float(), labels)) / 2
+    # fp32 before the product, as in info_nce: bf16 logits at scale ~100 are 0.5 apart.
+    scale = scale.float()
+    logits_i2t = (scale * image.float()) @ all_text.float().t()  # (B, N*B)
+    logits_t2i = (scale * text.float()) @ all_image.float().t()  # (B, N*B)
+    loss = (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
     accuracy = (logits_i2t.argmax(dim=1) == labels).float().mean()
     return loss, accuracy

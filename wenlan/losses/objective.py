@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from wenlan.losses.infonce import batch_exclusion, clip_loss, info_nce, queue_logsumexp
-from wenlan.losses.queue import KeyQueues, all_gather_single, reduce_scatter_single
+from wenlan.losses.queue import KeyGather, KeyQueues, all_gather_single, reduce_scatter_single
 
 if TYPE_CHECKING:  # the losses need no model code; importing the towers (timm) costs seconds per process
     from wenlan.models.brivl import BriVL
@@ -65,24 +65,25 @@ class ObjectiveConfig:
         if self.queue_mode not in ("replicated", "sharded"):
             raise ValueError(f"objective.queue_mode={self.queue_mode!r}: use replicated or sharded")
 
-    def validate_batch(self, global_batch: int, world_size: int) -> None:
+    def validate_batch(self, global_batch: int, data_parallel_size: int) -> None:
         """Queue size against the batch arithmetic (global batch = micro batch x grad accumulation x
-        world size), before any process group starts."""
+        data-parallel size), before any process group starts."""
         if self.name != "brivl":
             return
         k, g = self.queue_size, global_batch
         if k % g:
             raise ValueError(
                 f"objective.queue_size={k} is not a multiple of the global batch {g} (= micro batch x grad "
-                f"accumulation x world size {world_size}); use --queue-size {max(g, k // g * g)} or change "
-                "the DeepSpeed config's batch")
+                f"accumulation x data-parallel size {data_parallel_size}); use --queue-size {max(g, k // g * g)} "
+                "or change the DeepSpeed config's batch")
         if k < g:
             raise ValueError(f"objective.queue_size={k} is smaller than the global batch {g}; use "
                              f"--queue-size {g} or more")
-        if self.queue_mode == "sharded" and k % world_size:
-            step = math.lcm(g, world_size)
+        if self.queue_mode == "sharded" and k % data_parallel_size:
+            step = math.lcm(g, data_parallel_size)
             raise ValueError(
-                f"objective.queue_mode='sharded' splits objective.queue_size={k} over {world_size} ranks, "
+                f"objective.queue_mode='sharded' splits objective.queue_size={k} over {data_parallel_size} "
+                "data-parallel ranks, "
                 f"which does not divide it; use --queue-size {max(step, k // step * step)} or "
                 "objective.queue_mode='replicated'")
 
@@ -111,14 +112,18 @@ def gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
 
 
 class ContrastivePretraining(nn.Module):
-    """BriVL towers + queues + temperature: the module handed to the DeepSpeed engine.
+    """BriVL towers + queues + temperature: the module handed to the DeepSpeed engine (the last stage's
+    layer in a pipeline, ``model=None``).
 
     ``group``: the data-parallel process group (default: the world). In sharded mode this rank holds
     queue shard ``rank`` of ``world size`` when a process group is initialised, the whole queue when not.
+
+    Per micro-batch it keeps, without reading anything back to the host: the momentum keys for the
+    queue (``gather``, all-gathered once per optimizer step) and the running sums of loss, accuracy and
+    temperature (``take_totals``), which the trainer reads at log steps only.
     """
 
     def __init__(self, model: "BriVL | None", cfg: ObjectiveConfig, group=None, embed_dim: int | None = None):
-        """``model=None`` (with ``embed_dim``): the objective alone, for a pipeline's last stage."""
         super().__init__()
         self.cfg = cfg
         self.model = model
@@ -126,31 +131,58 @@ class ContrastivePretraining(nn.Module):
         embed_dim = model.cfg.embed_dim if model is not None else embed_dim
         self.log_scale = nn.Parameter(torch.full((1,), math.log(1.0 / cfg.temperature)),
                                       requires_grad=cfg.learnable_temperature)
-        self.queues = None
+        # The temperature's fp32 value when the parameter is bf16 (``set_log_scale_master``): a bf16
+        # log(1/T) ~ 2.7-4.6 moves in steps of 1/64-1/32, i.e. the scale in 0.8-1.6% jumps.
+        self.register_buffer("log_scale_master", torch.empty(0), persistent=False)
+        self.queues = self.gather = None
         if cfg.name == "brivl":
             shard, num_shards = 0, 1
             if cfg.queue_mode == "sharded" and dist.is_available() and dist.is_initialized():
                 shard, num_shards = dist.get_rank(group), dist.get_world_size(group)
             self.queues = KeyQueues(cfg.queue_size, embed_dim, shard, num_shards)
+            self.gather = KeyGather(group)
+        self._totals = None  # (4,) on the device: loss, accuracy, temperature sums and micro-batches
 
     def scale(self) -> torch.Tensor:
-        return self.log_scale.clamp(max=math.log(1.0 / self.cfg.min_temperature)).exp()
+        """1/T in fp32. With an fp32 master set, the forward uses the master's value and the gradient
+        flows to the (bf16) parameter unchanged: x + (m - x) is exactly m in fp32."""
+        log_scale = self.log_scale.float()
+        if self.log_scale_master.numel():
+            log_scale = log_scale + (self.log_scale_master - log_scale).detach()
+        return log_scale.clamp(max=math.log(1.0 / self.cfg.min_temperature)).exp()
 
-    def forward(self, images, input_ids, attention_mask, ids, use_queue: bool = True):
-        """Returns (loss, stats, keys); ``keys`` = (image_keys, text_keys, ids) of this rank's batch, for
-        ``KeyGather.add`` (None for clip). The queues change only after the step's last backward: the
-        loss graph still reads them."""
+    @torch.no_grad()
+    def set_log_scale_master(self, value: torch.Tensor | None) -> None:
+        """The optimizer's fp32 value of ``log_scale`` (None: the parameter is fp32 itself)."""
+        self.log_scale_master = torch.empty(0, device=self.log_scale.device) if value is None else \
+            value.detach().float().reshape(1).to(self.log_scale.device)
+
+    def forward(self, images, input_ids, attention_mask, ids, use_queue: bool = True) -> torch.Tensor:
+        """This rank's loss for one micro-batch. The queues change only after the step's last
+        backward (``KeyQueues.enqueue``): the loss graph still reads them."""
         embeddings = self.model(images, input_ids, attention_mask, with_keys=self.cfg.name == "brivl")
         return self.objective(*embeddings, ids, use_queue)
 
-    def objective(self, img_q, txt_q, img_k, txt_k, ids, use_queue: bool = True):
-        """The loss of this rank's queries (B, E) and keys (B, E; None for clip): (loss, stats, keys)."""
+    def objective(self, img_q, txt_q, img_k, txt_k, ids, use_queue: bool = True) -> torch.Tensor:
+        """The loss of this rank's queries (B, E) against keys (B, E; None for clip); the keys go to
+        ``gather`` and the statistics to the running totals."""
         if self.cfg.name == "clip":
             loss, stats = clip_objective(img_q, txt_q, self.scale(), self.group)
-            return loss, stats, None
-        loss, stats = queue_objective(img_q, txt_q, img_k, txt_k, ids, self.queues, self.scale(), self.cfg,
-                                      use_queue, self.group)
-        return loss, stats, (img_k, txt_k, ids)
+        else:
+            loss, stats = queue_objective(img_q, txt_q, img_k, txt_k, ids, self.queues, self.scale(), self.cfg,
+                                          use_queue, self.group)
+            self.gather.add(img_k, txt_k, ids)
+        sums = torch.stack([loss.detach().float(), stats["acc_i2t"].float(),
+                            stats["temperature"].float().reshape(()), torch.ones((), device=loss.device)])
+        self._totals = sums if self._totals is None else self._totals + sums
+        return loss
+
+    def take_totals(self) -> torch.Tensor:
+        """(4,) sums since the last call of loss, accuracy, temperature and the micro-batch count, on
+        the device (zeros if nothing ran); resets them."""
+        totals = self._totals if self._totals is not None else torch.zeros(4, device=self.log_scale.device)
+        self._totals = None
+        return totals
 
 
 def queue_objective(img_q, txt_q, img_k, txt_k, ids, queues: KeyQueues, scale, cfg: ObjectiveConfig,

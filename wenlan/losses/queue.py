@@ -32,16 +32,6 @@ def _world(group=None) -> int:
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
-def gather_keys(x: torch.Tensor, group=None) -> torch.Tensor:
-    """(B, ...) on each rank -> (world * B, ...) in rank order, blocking. No gradient: keys come from
-    the momentum towers and are constants to the loss."""
-    if _world(group) == 1:
-        return x
-    out = x.new_empty((_world(group) * x.shape[0], *x.shape[1:]))
-    all_gather_single(out, x.contiguous(), group=group)  # no gradient
-    return out
-
-
 class KeyGather:
     """One optimizer step's momentum keys from every rank, gathered without gradient, overlapped.
 
@@ -62,6 +52,12 @@ class KeyGather:
         if self._pending is not None:
             raise RuntimeError("KeyGather.add() after launch(): call wait() first")
         self._parts.append((image_keys.detach(), text_keys.detach(), ids.detach()))
+
+    def clear(self) -> None:
+        """Drop the keys added since the last ``wait()`` (forward passes whose keys are not enqueued)."""
+        if self._pending is not None:
+            raise RuntimeError("KeyGather.clear() after launch(): call wait() first")
+        self._parts = []
 
     @torch.no_grad()
     def launch(self, async_op: bool = True) -> None:

@@ -22,6 +22,31 @@ class ModelConfig:
     embed_dim: int = 128
 
 
+KEY_TOWER = "momentum_"
+"""Names of the momentum (key) towers' modules contain this, in BriVL and in a pipeline's layers."""
+
+
+def set_key_tower_modes(root: nn.Module) -> None:
+    """After ``root.train()``: the modes a training step needs beyond PyTorch's one flag.
+
+    - The momentum (key) towers compute targets: no dropout anywhere in them (a key does not change
+      with the draw, as in MoCo and ALBEF's momentum distillation), while their BatchNorm layers
+      normalise with the batch's statistics, as MoCo's key encoder does.
+    - A BatchNorm layer whose online parameters are frozen (BriVL-1.0's frozen backbone blocks) keeps
+      its pretrained running statistics: eval mode, in the online tower and in its momentum copy.
+
+    Works on any module holding both towers' modules under their names (BriVL, a pipeline layer)."""
+    modules = dict(root.named_modules())
+    for name, module in modules.items():  # parents before children: a child's mode is set last
+        key = KEY_TOWER in name
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            online = modules.get(name.replace(KEY_TOWER, "", 1)) if key else module
+            params = list(online.parameters(recurse=False)) if online is not None else []
+            module.train(not (params and not any(p.requires_grad for p in params)))
+        elif key:
+            module.train(False)
+
+
 class BriVL(nn.Module):
     def __init__(self, cfg: ModelConfig, momentum: bool = True):
         super().__init__()
@@ -32,6 +57,12 @@ class BriVL(nn.Module):
         if momentum:
             self.momentum_image_tower = ImageTower(cfg.image, cfg.embed_dim).requires_grad_(False)
             self.momentum_text_tower = TextTower(cfg.text, cfg.embed_dim).requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "BriVL":
+        super().train(mode)
+        if mode:
+            set_key_tower_modes(self)
+        return self
 
     def pretrained_state(self) -> dict[str, torch.Tensor]:
         """The configured pretrained backbone / text encoder weights, named as in this model's state

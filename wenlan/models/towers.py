@@ -116,8 +116,11 @@ class RegionPool(nn.Module):
 
     def forward(self, fmap: torch.Tensor) -> torch.Tensor:
         B, C = fmap.shape[:2]
-        grid = self.sample_grid.to(fmap.dtype).expand(B, -1, -1, -1)  # (B, R*S, S, 2)
-        samples = F.grid_sample(fmap, grid, mode="bilinear", align_corners=False)  # (B, C, R*S, S)
+        grid = self.sample_grid.expand(B, -1, -1, -1)  # (B, R*S, S, 2), fp32
+        # Sampled in fp32: bf16 coordinates would move the points by up to 2^-9 of the map (the map is
+        # small next to the backbone's activations: 12x12 for BriVL-1.0).
+        samples = F.grid_sample(fmap.float(), grid, mode="bilinear", align_corners=False)  # (B, C, R*S, S)
+        samples = samples.to(fmap.dtype)
         regions = samples.view(B, C, self.num_regions, -1).mean(-1).transpose(1, 2)  # (B, R, C)
         return self.proj(regions)  # (B, R, dim)
 

@@ -11,12 +11,16 @@ only after every rank's files are on disk; ``--resume auto`` takes the newest ta
 """
 
 import json
+import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("wenlan.train")
 
 STATE_KEY = "wenlan"  # the client_state entry holding the run state
 COMPLETE = "complete.json"
@@ -30,6 +34,16 @@ def tag_for(step: int) -> str:
 
 def rank_file(tag_dir: Path, rank: int) -> Path:
     return Path(tag_dir) / f"wenlan_rank{rank:05d}.pt"
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def capture_rng() -> dict:
@@ -188,6 +202,60 @@ def queue_from_entries(state: dict[str, torch.Tensor]) -> dict | None:
                 filled=int(state["queues.filled"]), size=image.shape[0], shard=0, num_shards=1)
 
 
+def optimizer_order(config: dict) -> list[str]:
+    """Names of the trainable parameters in the optimizer's order, from the run's config (built on the
+    meta device, so nothing is allocated)."""
+    return [name for group in optimizer_groups(config) for name in group]
+
+
+def optimizer_groups(config: dict) -> list[list[str]]:
+    """The trainable parameters' names per optimizer parameter group, in order."""
+    from wenlan.config import model_config_from_dict, objective_config_from_dict
+    from wenlan.losses.objective import ContrastivePretraining
+    from wenlan.models.brivl import BriVL
+    from wenlan.parallel.engine import param_groups
+
+    objective = objective_config_from_dict(config["objective"])
+    with torch.device("meta"):
+        module = ContrastivePretraining(BriVL(model_config_from_dict(config["model"]),
+                                              momentum=objective.name == "brivl"), objective)
+    names = {id(p): n for n, p in module.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in param_groups(module, 0.0)]
+
+
+def _split_masters(flats: list[torch.Tensor], config: dict, module: dict) -> dict[str, torch.Tensor]:
+    """Flat fp32 masters, one per optimizer parameter group (trailing alignment padding allowed), back as
+    named tensors shaped like the module's (which holds only their low-precision copies)."""
+    masters = {}
+    for names, flat in zip(optimizer_groups(config), flats, strict=True):
+        offset = 0
+        for name in names:
+            n = module[name].numel()
+            masters[name] = flat[offset:offset + n].float().view(module[name].shape).clone()
+            offset += n
+        if offset > flat.numel():
+            raise ValueError(f"an fp32 master group holds {flat.numel()} values, its parameters {offset}")
+    return masters
+
+
+def is_bf16_optimizer(tag_dir: Path) -> bool:
+    """Written by DeepSpeed's bf16 optimizer (ZeRO-1, bf16 weights, fp32 gradient accumulation), whose
+    optimizer files, unlike ZeRO's, carry no ``zero_stage``."""
+    files = sorted(Path(tag_dir).glob("bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    return bool(files) and "zero_stage" not in torch.load(files[0], map_location="cpu",
+                                                          weights_only=False)["optimizer_state_dict"]
+
+
+def _bf16_optimizer_masters(tag_dir: Path, config: dict, module: dict) -> dict[str, torch.Tensor]:
+    """DeepSpeed's bf16 optimizer (ZeRO-1 with fp32 gradient accumulation): each rank holds a contiguous
+    partition of every group's flat fp32 master, in rank order; DeepSpeed's zero_to_fp32 does not read it."""
+    files = sorted(Path(tag_dir).glob("bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+                   key=lambda f: int(f.name.split("_")[4]))
+    parts = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+             ["single_partition_of_fp32_groups"] for f in files]
+    return _split_masters([torch.cat(group) for group in zip(*parts)], config, module)
+
+
 def read_consolidated(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Whole fp32 tensors of every parameter and buffer of the trained module (momentum weights from
     their fp32 masters, queues under ``queues.``), plus the run state, from a checkpoint of any ZeRO
@@ -216,7 +284,9 @@ def read_consolidated(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
             module.update({plain_name(k): v for k, v in layer.items()})
     else:
         module = dict(model_states["module"])
-    if stage > 0 and info.get("pipeline_stages", 1) == 1:
+    if stage == 1 and info.get("pipeline_stages", 1) == 1 and is_bf16_optimizer(tag_dir):
+        module.update(_bf16_optimizer_masters(tag_dir, run_state["config"], module))
+    elif stage > 0 and info.get("pipeline_stages", 1) == 1:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # The optimizer partitions hold the fp32 master of every trainable parameter and the model files
@@ -224,6 +294,8 @@ def read_consolidated(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
         # ZeRO-3, empty placeholders.
         module.update(get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
                                                                exclude_frozen_parameters=False))
+    elif stage == 0 and "fp32_groups_flat" in (model_states.get("optimizer") or {}):  # fp16 (bf16 is refused)
+        module.update(_split_masters(model_states["optimizer"]["fp32_groups_flat"], run_state["config"], module))
     state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
 
     rank_states = [torch.load(rank_file(tag_dir, r), map_location="cpu", weights_only=False) for r in range(world)]
@@ -249,3 +321,102 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, data: dict) -> None:
     write_text(path, json.dumps(data, indent=2))
+
+
+def decided_by_rank0(decide, group=None):
+    """``decide()`` run on rank 0 only and its result (or its error) given to every rank of ``group``
+    (a broadcast of a small object, no gradient). For decisions that gate collectives: ranks that see a
+    shared file system differently must still take the same path."""
+    result = [None]
+    if dist.get_rank() == 0:
+        try:
+            result = [("ok", decide())]
+        except (OSError, ValueError) as err:
+            result = [("error", f"{type(err).__name__}: {err}")]
+    dist.broadcast_object_list(result, src=0, group=group)
+    status, value = result[0]
+    if status == "error":
+        raise ValueError(f"rank 0: {value}")
+    return value
+
+
+@dataclass
+class Progress:
+    """Where the run is: what the loop advances and a checkpoint restores."""
+
+    step: int = 0
+    samples_seen: int = 0
+    restarts: int = 0
+    data_position: dict | None = None
+    """This rank's streams' positions after the last step (the loader's ``batch["position"]``)."""
+
+    def advance(self, batch: dict | None, global_batch: int) -> None:
+        self.step += 1
+        self.samples_seen += global_batch
+        self.data_position = batch["position"] if batch is not None else None
+
+
+class Checkpointer:
+    """Everything a checkpoint holds, and the one way a run comes back from one.
+
+    A tag holds DeepSpeed's engine state (module, optimizer partitions, LR schedule), the run state
+    (``Progress``, the resolved config and the layout, with every stream's data position merged over the
+    ranks) as DeepSpeed client state, and per rank ``Strategy.rank_state()`` (RNG states, fp32 masters of
+    the momentum weights, the queue shard). Rank 0 alone decides whether to resume and from which tag, and
+    the loop remembers the last saved step instead of listing the directory.
+    """
+
+    def __init__(self, cfg, group=None):
+        self.cfg, self.group = cfg, group
+        self.directory = Path(cfg.output_dir) / "checkpoints"
+        def decide():
+            where = resolve_resume(cfg.resume, self.directory)
+            return where, is_portable(where), cfg.data_streams
+
+        self.where, portable, streams = decided_by_rank0(decide, group)
+        cfg.data_streams = streams  # resolved per rank before the process group existed: rank 0's counts
+        self.portable = None
+        if portable:  # converted by wenlan.parallel.reshard: whole tensors, any world size
+            self.portable = torch.load(Path(self.where[0]) / self.where[1] / PORTABLE, map_location="cpu",
+                                       weights_only=False)
+        self.last_saved_step = None
+
+    @property
+    def portable_weights(self) -> dict | None:
+        return self.portable["weights"] if self.portable is not None else None
+
+    def restore(self, strategy) -> Progress:
+        """The run's progress, after loading the engine and this rank's state (a fresh start: step 0)."""
+        if self.portable is not None:
+            from wenlan.parallel.reshard import load_portable
+
+            state = load_portable(strategy.engine, strategy.objective, strategy.ema, self.portable)
+            # per-rank RNG states do not carry over to another world size: reseed them by the step
+            seed_everything(self.cfg.seed * 100003 + dist.get_rank() * 1009 + state["step"])
+        elif self.where is not None:
+            state, rank_state = load(strategy.engine, self.where, strategy.stages)
+            strategy.load_rank_state(rank_state)
+        else:
+            return Progress()
+        strategy.refresh_temperature()
+        if dist.get_rank() == 0:
+            log.info("resumed from %s%s/%s at step %d on %d ranks", "converted checkpoint " if self.portable else "",
+                     *self.where, state["step"], dist.get_world_size())
+        if Path(self.where[0]).resolve() == self.directory.resolve():
+            self.last_saved_step = state["step"]
+        return Progress(step=state["step"], samples_seen=state["samples_seen"],
+                        restarts=state.get("restarts", 0) + 1, data_position=state.get("data_position"))
+
+    def save(self, strategy, progress: Progress) -> None:
+        """Every rank calls this at the same step."""
+        from wenlan.data.pipeline import merge_positions
+        from wenlan.parallel.engine import zero_stage
+
+        positions = [None] * dist.get_world_size()
+        dist.all_gather_object(positions, progress.data_position or {}, group=self.group)  # small dicts, no gradient
+        run_state = dict(step=progress.step, samples_seen=progress.samples_seen, restarts=progress.restarts,
+                         config=self.cfg.to_dict(), zero_stage=zero_stage(self.cfg.deepspeed_config),
+                         world_size=dist.get_world_size(), pipeline_stages=strategy.stages,
+                         data_position=merge_positions(positions))
+        save(strategy.engine, self.directory, progress.step, run_state, strategy.rank_state())
+        self.last_saved_step = progress.step

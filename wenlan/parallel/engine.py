@@ -85,6 +85,8 @@ def build_module(cfg: TrainConfig, weights: dict[str, torch.Tensor] | None = Non
     with build, no_init_weights():
         model = BriVL(cfg.model, momentum=cfg.objective.name == "brivl")
         module = ContrastivePretraining(model, cfg.objective)
+    if zero3 and any(cfg.deepspeed_config.get(k, {}).get("enabled") for k in ("bf16", "fp16")):
+        _float_buffers_in_fp32(model, cfg)
     if weights is not None:
         copy_state(module, weights, "converted checkpoint")
         return module
@@ -92,6 +94,24 @@ def build_module(cfg: TrainConfig, weights: dict[str, torch.Tensor] | None = Non
     init_weights(module, cfg.seed, module_context=_gathered, skip_prefixes=("model.momentum_",))
     copy_state(model, model.pretrained_state(), "pretrained weights")
     return module
+
+
+@torch.no_grad()
+def _float_buffers_in_fp32(model: BriVL, cfg: TrainConfig) -> None:
+    """zero.Init creates every floating tensor in the run's dtype, the intermediate ones of a constructor
+    included, so a buffer computed in a constructor (the region pooling's sampling grid) holds bf16
+    roundings even where it is stored in fp32. Recompute them as every other strategy has them
+    (DeepSpeed casts parameters only), from a copy of the model whose parameters live on the meta device."""
+    from transformers.initialization import no_init_weights
+
+    from wenlan.parallel.pipeline import parameters_on_meta
+
+    with parameters_on_meta(), no_init_weights():
+        reference = dict(BriVL(cfg.model, momentum=model.momentum_image_tower is not None).named_buffers())
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_floating_point():
+            owner, _, attr = name.rpartition(".")
+            model.get_submodule(owner)._buffers[attr] = reference[name].to(buffer.device)
 
 
 @torch.no_grad()

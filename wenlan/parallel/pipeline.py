@@ -34,8 +34,7 @@ import torch.nn as nn
 
 from wenlan.data.transforms import model_images
 from wenlan.losses.objective import ContrastivePretraining, caption_ids
-from wenlan.losses.queue import KeyGather
-from wenlan.models.brivl import BriVL
+from wenlan.models.brivl import BriVL, set_key_tower_modes
 from wenlan.models.init import init_module_
 
 SEPARATOR = "__"  # a layer registers model.image_tower.head as model__image_tower__head
@@ -109,6 +108,12 @@ class TowerLayer(nn.Module):
                 else:
                     self.add_module(key, owned)
 
+    def train(self, mode: bool = True) -> "TowerLayer":
+        super().train(mode)
+        if mode:
+            set_key_tower_modes(self)  # as BriVL.train: no dropout in the momentum half, frozen BatchNorm
+        return self
+
     def named_momentum_pairs(self):
         """(momentum name, online parameter, momentum parameter) of this layer, for the EMA."""
         if len(self.towers) < 2:
@@ -162,14 +167,12 @@ class TowerLayer(nn.Module):
 
 class ObjectiveLayer(ContrastivePretraining):
     """The last layer: temperature and queues. Its forward hands the embeddings through; DeepSpeed calls
-    ``loss`` with them and the micro-batch's caption ids. Keys and stats of the step's micro-batches are
-    kept for the trainer (``gather``, ``stats``)."""
+    ``loss`` with them and the micro-batch's caption ids. The objective keeps the step's keys and loss
+    totals, as on the plain path."""
 
     def __init__(self, cfg, embed_dim: int, group=None):
         super().__init__(None, cfg, group=group, embed_dim=embed_dim)
-        self.use_queue = True
-        self.gather = KeyGather(group)
-        self.stats = []
+        self.use_queue = True  # set by the trainer per step (queue warm-up)
 
     def forward(self, acts: tuple) -> tuple:
         return acts
@@ -178,11 +181,7 @@ class ObjectiveLayer(ContrastivePretraining):
         image, text = outputs[0], outputs[1]  # (2B, E) each, or (B, E) without momentum towers
         B = ids.shape[0]
         keys = (image[B:], text[B:]) if self.cfg.name == "brivl" else (None, None)
-        loss, stats, step_keys = self.objective(image[:B], text[:B], *keys, ids, self.use_queue)
-        if step_keys is not None:
-            self.gather.add(*step_keys)
-        self.stats.append(stats)
-        return loss
+        return self.objective(image[:B], text[:B], *keys, ids, self.use_queue)
 
 
 def data_parallel_groups(stages: int) -> tuple[int, int, object]:
@@ -319,16 +318,6 @@ def _copy_pretrained(model: BriVL, local: list[nn.Module]) -> None:
                     raise ValueError(f"pretrained weights: {name} has shape {tuple(state[name].shape)}, the model "
                                      f"expects {tuple(tensor.shape)}")
                 tensor.copy_(state[name])
-
-
-def micro_batches(batch: dict, micro: int, image_dtype, device):
-    """One step's batch of this data-parallel rank -> DeepSpeed pipeline micro-batches
-    ((images, input_ids, attention_mask), caption ids)."""
-    for i in range(batch["images"].shape[0] // micro):
-        part = slice(i * micro, (i + 1) * micro)
-        input_ids = batch["input_ids"][part].to(device)
-        images = model_images(batch["images"][part], batch["colour_maps"][part], device, image_dtype)
-        yield (images, input_ids, batch["attention_mask"][part].to(device)), caption_ids(input_ids)
 
 
 @torch.no_grad()

@@ -23,11 +23,15 @@ SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class Preemption:
-    """Install in every rank after the process group exists and before any DataLoader worker is forked."""
+    """Install in every rank after the process group exists and before any DataLoader worker is forked.
 
-    def __init__(self):
+    ``group``: a host-side (gloo) group for the per-step agreement, so that it never waits on the device."""
+
+    def __init__(self, group=None):
         self.requested: str | None = None  # name of the first signal received
         self.pid = os.getpid()
+        self.group = group
+        self._pending = None  # the agreement launched at the previous step: (work, flag)
         for sig in SIGNALS:
             signal.signal(sig, self._handle)
         node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
@@ -47,15 +51,29 @@ class Preemption:
             self.requested = signal.Signals(signum).name
             log.warning("rank %d got %s: stopping after the current step", dist.get_rank(), self.requested)
 
-    def should_stop(self, device) -> bool:
-        """Collective, called by every rank at the end of every optimizer step: True on every rank if any rank
-        was signalled, so that all stop after the same step."""
-        flag = torch.tensor([int(self.requested is not None)], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one int per step, no gradient
-        return bool(flag.item())
+    def should_stop(self) -> bool:
+        """Collective, called by every rank at the end of every optimizer step: True on every rank once any
+        rank was signalled, so that all stop after the same step. Each call launches this step's agreement
+        (an all-reduce of one int on the host group, no gradient) and returns the previous step's, which
+        has long arrived: no blocking round trip per step, at the price of stopping one step later."""
+        stop = False
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()
+            stop = bool(flag.item())
+        flag = torch.tensor([int(self.requested is not None)], dtype=torch.int32)  # host memory
+        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        return stop
+
+    def finish(self) -> None:
+        """Wait for the agreement still in flight (before the group is used for anything else or torn down)."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
 
     def exit(self, step: int) -> None:
         """After the checkpoint of ``step`` is saved: leave with the exit code that means "requeue me"."""
+        self.finish()
         dist.barrier()  # no gradient; every rank is done with the checkpoint
         if dist.get_rank() == 0:
             print(f"pre-empted ({self.requested or 'signal on another rank'}): checkpoint of step {step} saved, "

@@ -26,27 +26,11 @@ from wenlan.parallel.momentum import zero3_partition
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def _trainable_names(config: dict) -> list[str]:
-    """Names of the trainable parameters in the optimizer's order, from the run's config (built on the
-    meta device, so nothing is allocated)."""
-    from wenlan.config import model_config_from_dict, objective_config_from_dict
-    from wenlan.losses.objective import ContrastivePretraining
-    from wenlan.models.brivl import BriVL
-    from wenlan.parallel.engine import param_groups
-
-    objective = objective_config_from_dict(config["objective"])
-    with torch.device("meta"):
-        module = ContrastivePretraining(BriVL(model_config_from_dict(config["model"]),
-                                              momentum=objective.name == "brivl"), objective)
-    names = {id(p): n for n, p in module.named_parameters()}
-    return [names[id(p)] for group in param_groups(module, 0.0) for p in group["params"]]
-
-
 def _optimizer_state(tag_dir: Path, stage: int, config: dict) -> tuple[dict, int]:
     """({"exp_avg": {name: whole tensor}, "exp_avg_sq": {...}}, Adam step) from any ZeRO stage."""
     if stage == 0:
         saved = torch.load(ckpt.model_states_file(tag_dir, 0), map_location="cpu", weights_only=False)["optimizer"]
-        order = _trainable_names(config)
+        order = ckpt.optimizer_order(config)
         index = [i for group in saved["param_groups"] for i in group["params"]]
         states = {key: {order[k]: saved["state"][i][key] for k, i in enumerate(index)} for key in MOMENTS}
         return states, int(saved["state"][index[0]]["step"])
@@ -72,7 +56,7 @@ def _optimizer_state(tag_dir: Path, stage: int, config: dict) -> tuple[dict, int
             flats = [[s[g][key] for g in sorted(s)] for s in inner]
             states[key] = z._get_fp32_state_dict_from_zero3_checkpoint(world, flats, model_states, True)
     step = int(next(iter(inner[0].values()))["step"])
-    names = set(_trainable_names(config))  # the reassembly also returns buffers: keep the parameters
+    names = set(ckpt.optimizer_order(config))  # the reassembly also returns buffers: keep the parameters
     # (ZeRO-3's reassembly is lazy: contiguous() materialises each tensor)
     return {key: {n: t.contiguous() for n, t in states[key].items() if n in names} for key in MOMENTS}, step
 
@@ -86,6 +70,10 @@ def reshard(checkpoint: Path, out: Path) -> Path:
         raise ValueError(f"{tag_dir} is a pipeline checkpoint ({info['pipeline_stages']} stages): converting those "
                          "is not supported; resume it with the same pipeline layout, or export its weights "
                          "(python -m wenlan.export --full) to start a new run")
+    if ckpt.is_bf16_optimizer(tag_dir):
+        raise ValueError(f"{tag_dir} was written by DeepSpeed's bf16 optimizer (ZeRO-1 with fp32 gradient "
+                         "accumulation): converting its Adam moments is not supported yet; resume it on the same "
+                         "world size, or export its weights (python -m wenlan.export --full) to start a new run")
     moments, adam_step = _optimizer_state(tag_dir, info["zero_stage"], run_state["config"])
     engine_state = torch.load(ckpt.model_states_file(tag_dir, info["zero_stage"]), map_location="cpu", weights_only=False)
     portable = dict(
