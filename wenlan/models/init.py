@@ -66,3 +66,21 @@ def init_weights(model: nn.Module, seed: int, module_context=None, skip_prefixes
             continue
         with (module_context(module) if module_context else contextlib.nullcontext()):
             init_module_(module, name, seed)
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory) while their buffers,
+    architecture constants such as BERT's position ids or the region sampling grid, keep their values."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register

@@ -25,6 +25,7 @@ log = logging.getLogger("wenlan.train")
 STATE_KEY = "wenlan"  # the client_state entry holding the run state
 COMPLETE = "complete.json"
 PORTABLE = "portable.pt"  # the whole-tensor file of a tag written by wenlan.parallel.reshard
+MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's state per trainable parameter
 TAG = re.compile(r"^step(\d{8})$")
 
 
@@ -323,6 +324,62 @@ def write_json(path: Path, data: dict) -> None:
     write_text(path, json.dumps(data, indent=2))
 
 
+@torch.no_grad()
+def load_portable(engine, module, ema, portable: dict) -> dict:
+    """Finish a resume from a portable tag on an engine built from its weights (``build_module(cfg,
+    weights)``): fp32 masters, Adam moments and step, LR schedule, momentum masters, queues. Returns
+    the run state."""
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    from wenlan.parallel.momentum import zero3_partition
+
+    weights, moments = portable["weights"], portable["moments"]
+    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    zero3 = any(hasattr(p, "ds_id") for _, p in trainable)
+    zero12 = any(hasattr(p, "_hp_mapping") for _, p in trainable)
+    optimizer = engine.optimizer.optimizer if zero3 or zero12 else engine.optimizer  # the torch optimizer
+    # Adam creates its state at the first step; create it now. ZeRO-3 hands its flat fp32 partitions to
+    # the torch optimizer only inside step(), so they are not in param_groups here.
+    if zero3:
+        flats = engine.optimizer.fp32_partitioned_groups_flat
+    elif zero12:
+        flats = engine.optimizer.single_partition_of_fp32_groups
+    else:
+        flats = [p for group in optimizer.param_groups for p in group["params"]]
+    for flat in flats:
+        for key in MOMENTS:
+            optimizer.state[flat].setdefault(key, torch.zeros_like(flat))
+    for name, p in trainable:
+        if zero3:  # each rank writes its own partition (views into the optimizer's flat tensors)
+            safe_get_local_fp32_param(p).copy_(zero3_partition(weights[name], p.ds_tensor))
+            for key in MOMENTS:
+                safe_get_local_optimizer_state(p, key).copy_(zero3_partition(moments[key][name], p.ds_tensor))
+        elif zero12:  # DeepSpeed maps the whole tensor onto this rank's fragment
+            mapping = p._hp_mapping
+            if mapping.optim_fragment is None:  # linked only once Adam has state: link it to the new state
+                flat = flats[mapping.param_group_index]
+                mapping.set_optim_state_fragment(flat, optimizer.state[flat])
+            safe_set_full_fp32_param(p, weights[name].to(p.device))
+            for key in MOMENTS:
+                safe_set_full_optimizer_state(p, moments[key][name].to(p.device), key)
+        else:
+            optimizer.state[p] = {key: moments[key][name].to(p.device).clone() for key in MOMENTS}
+    for state in optimizer.state.values():
+        state["step"] = torch.tensor(float(portable["adam_step"]))
+    engine.lr_scheduler.load_state_dict(portable["lr_scheduler"])
+    # LambdaLR restores its position but sets the groups' LR only at its next step: set it now.
+    for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+        group["lr"] = lr
+    for key, value in portable["engine_counters"].items():
+        setattr(engine, key, value)
+    if ema is not None:
+        ema.load_whole(weights)
+    if module.queues is not None:
+        module.queues.load_state(portable["queues"])
+    return portable["run_state"]
+
+
 def decided_by_rank0(decide, group=None):
     """``decide()`` run on rank 0 only and its result (or its error) given to every rank of ``group``
     (a broadcast of a small object, no gradient). For decisions that gate collectives: ranks that see a
@@ -388,8 +445,6 @@ class Checkpointer:
     def restore(self, strategy) -> Progress:
         """The run's progress, after loading the engine and this rank's state (a fresh start: step 0)."""
         if self.portable is not None:
-            from wenlan.parallel.reshard import load_portable
-
             state = load_portable(strategy.engine, strategy.objective, strategy.ema, self.portable)
             # per-rank RNG states do not carry over to another world size: reseed them by the step
             seed_everything(self.cfg.seed * 100003 + dist.get_rank() * 1009 + state["step"])

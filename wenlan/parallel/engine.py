@@ -104,7 +104,7 @@ def _float_buffers_in_fp32(model: BriVL, cfg: TrainConfig) -> None:
     (DeepSpeed casts parameters only), from a copy of the model whose parameters live on the meta device."""
     from transformers.initialization import no_init_weights
 
-    from wenlan.parallel.pipeline import parameters_on_meta
+    from wenlan.models.init import parameters_on_meta
 
     with parameters_on_meta(), no_init_weights():
         reference = dict(BriVL(cfg.model, momentum=model.momentum_image_tower is not None).named_buffers())

@@ -35,7 +35,7 @@ import torch.nn as nn
 from wenlan.data.transforms import model_images
 from wenlan.losses.objective import ContrastivePretraining, caption_ids
 from wenlan.models.brivl import BriVL, set_key_tower_modes
-from wenlan.models.init import init_module_
+from wenlan.models.init import init_module_, parameters_on_meta
 
 SEPARATOR = "__"  # a layer registers model.image_tower.head as model__image_tower__head
 
@@ -59,24 +59,6 @@ def plain_name(layer_key: str) -> str:
     head, _, rest = layer_key.partition(".")
     name = head.replace(SEPARATOR, ".")
     return f"{name}.{rest}" if rest else name
-
-
-@contextlib.contextmanager
-def parameters_on_meta():
-    """Modules built inside get their parameters on the meta device (no memory) while their buffers,
-    architecture constants such as BERT's position ids or the region sampling grid, keep their values."""
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module, name, param):
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
 
 
 def _owner(root: nn.Module, path: str) -> tuple[nn.Module, str]:

@@ -21,9 +21,7 @@ from pathlib import Path
 import torch
 
 from wenlan.parallel import checkpoint as ckpt
-from wenlan.parallel.momentum import zero3_partition
-
-MOMENTS = ("exp_avg", "exp_avg_sq")
+from wenlan.parallel.checkpoint import MOMENTS
 
 
 def _optimizer_state(tag_dir: Path, stage: int, config: dict) -> tuple[dict, int]:
@@ -91,60 +89,6 @@ def reshard(checkpoint: Path, out: Path) -> Path:
                                                                 "zero_stage": info["zero_stage"]}})
     ckpt.write_text(Path(out) / "latest", tag_dir.name)
     return target
-
-
-@torch.no_grad()
-def load_portable(engine, module, ema, portable: dict) -> dict:
-    """Finish a resume from a portable tag on an engine built from its weights (``build_module(cfg,
-    weights)``): fp32 masters, Adam moments and step, LR schedule, momentum masters, queues. Returns
-    the run state."""
-    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    weights, moments = portable["weights"], portable["moments"]
-    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    zero3 = any(hasattr(p, "ds_id") for _, p in trainable)
-    zero12 = any(hasattr(p, "_hp_mapping") for _, p in trainable)
-    optimizer = engine.optimizer.optimizer if zero3 or zero12 else engine.optimizer  # the torch optimizer
-    # Adam creates its state at the first step; create it now. ZeRO-3 hands its flat fp32 partitions to
-    # the torch optimizer only inside step(), so they are not in param_groups here.
-    if zero3:
-        flats = engine.optimizer.fp32_partitioned_groups_flat
-    elif zero12:
-        flats = engine.optimizer.single_partition_of_fp32_groups
-    else:
-        flats = [p for group in optimizer.param_groups for p in group["params"]]
-    for flat in flats:
-        for key in MOMENTS:
-            optimizer.state[flat].setdefault(key, torch.zeros_like(flat))
-    for name, p in trainable:
-        if zero3:  # each rank writes its own partition (views into the optimizer's flat tensors)
-            safe_get_local_fp32_param(p).copy_(zero3_partition(weights[name], p.ds_tensor))
-            for key in MOMENTS:
-                safe_get_local_optimizer_state(p, key).copy_(zero3_partition(moments[key][name], p.ds_tensor))
-        elif zero12:  # DeepSpeed maps the whole tensor onto this rank's fragment
-            mapping = p._hp_mapping
-            if mapping.optim_fragment is None:  # linked only once Adam has state: link it to the new state
-                flat = flats[mapping.param_group_index]
-                mapping.set_optim_state_fragment(flat, optimizer.state[flat])
-            safe_set_full_fp32_param(p, weights[name].to(p.device))
-            for key in MOMENTS:
-                safe_set_full_optimizer_state(p, moments[key][name].to(p.device), key)
-        else:
-            optimizer.state[p] = {key: moments[key][name].to(p.device).clone() for key in MOMENTS}
-    for state in optimizer.state.values():
-        state["step"] = torch.tensor(float(portable["adam_step"]))
-    engine.lr_scheduler.load_state_dict(portable["lr_scheduler"])
-    # LambdaLR restores its position but sets the groups' LR only at its next step: set it now.
-    for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
-        group["lr"] = lr
-    for key, value in portable["engine_counters"].items():
-        setattr(engine, key, value)
-    if ema is not None:
-        ema.load_whole(weights)
-    if module.queues is not None:
-        module.queues.load_state(portable["queues"])
-    return portable["run_state"]
 
 
 def main() -> None:
