@@ -129,3 +129,21 @@ def test_pipeline_kill_then_resume_continues_the_same_losses(runs, data, tmp_pat
     reference, other = exported(runs["pipe-2stage"][0]), exported(out)
     for name, tensor in reference.items():
         assert torch.equal(other[name], tensor), name
+
+
+def test_bf16_pipeline_learns_its_temperature_in_fp32(data, tmp_path):
+    """pipe_10b.json's precision on 2 stages: the temperature, a parameter of the loss on the last stage,
+    trains from the exact configured value (not its bf16 rounding, 0.07021) through fp32 values."""
+    shipped = json.loads((ROOT / "ds_configs" / "pipe_10b.json").read_text())
+    cfg = json.loads(Path(ds_config(tmp_path, 2, 2)).read_text())
+    cfg.update(bf16=shipped["bf16"], communication_data_type=shipped["communication_data_type"])
+    if "data_types" in shipped:
+        cfg["data_types"] = shipped["data_types"]
+    path = tmp_path / "pipe_bf16.json"
+    path.write_text(json.dumps(cfg))
+    out = tmp_path / "bf16"
+    launch(2, equivalence_args(data, out, str(path), 4, QUEUE))
+    temperature = metric_history(out, "temperature")
+    assert temperature[1] == pytest.approx(0.07, abs=1e-8)
+    assert abs(temperature[4] - 0.07) > 1e-6  # it trained
+    assert all(abs(t - 0.07021) > 1e-5 for t in temperature.values())  # never the bf16 weight's value

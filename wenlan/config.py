@@ -197,6 +197,12 @@ def resolve(args) -> TrainConfig:
         raise ValueError("DeepSpeed config: bf16 with zero_optimization.stage=0: DeepSpeed runs it through its fp16 "
                          "optimizer, which accumulates gradients in bf16 and steps differently from every other "
                          "stage (0.74x the first step, measured); use stage 1, which on one GPU shards nothing")
+    if stages > 1 and ds.get("bf16", {}).get("enabled") and objective.learnable_temperature and \
+            ds.get("data_types", {}).get("grad_accum_dtype") == "fp32":
+        raise ValueError("DeepSpeed config: pipeline.stages with bf16 and data_types.grad_accum_dtype=fp32 makes "
+                         "DeepSpeed use its bf16 optimizer, which never updates the learnable temperature (a "
+                         "parameter of the loss on the last stage; measured with DeepSpeed 0.19); drop "
+                         "data_types.grad_accum_dtype (ZeRO-1 then accumulates in bf16) or fix the temperature")
     if stages > 1:
         from wenlan.parallel.pipeline import check_stages, partition_method
 
