@@ -37,8 +37,10 @@ def ds_config(tmp: Path, stage: int, micro: int, accum: int, bf16: bool = False)
     cfg = json.loads((ROOT / "ds_configs" / "cpu_tiny.json").read_text())
     cfg.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
     # A gentle LR: contrastive training of a random model at 1e-3 is chaotic enough to grow a 1e-7
-    # difference in summation order (an all-reduce vs accumulation) into 1e-3 within ten steps.
-    cfg["optimizer"]["params"]["lr"] = 1e-4
+    # difference in summation order (an all-reduce vs accumulation) into 1e-3 within ten steps. At 1e-4
+    # what it grows into depends on the CPU's summation order: on an AMD EPYC the stem's GroupNorm bias
+    # ended at 5.5e-7 against the 5.0e-7 floor of the per-tensor bound (1.2e-7 where the bound was set).
+    cfg["optimizer"]["params"]["lr"] = 3e-5
     cfg["zero_optimization"] = {"stage": stage}
     if stage == 3:
         # Small enough that biases and norms stay whole (persistent) while matrices are partitioned.
