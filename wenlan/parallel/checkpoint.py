@@ -239,21 +239,33 @@ def _split_masters(flats: list[torch.Tensor], config: dict, module: dict) -> dic
     return masters
 
 
+def _bf16_optimizer_files(tag_dir: Path) -> list[Path]:
+    return sorted(Path(tag_dir).glob("bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+                  key=lambda f: int(f.name.split("_")[4]))
+
+
+def _is_bf16_optimizer_state(optimizer_state: dict) -> bool:
+    """DeepSpeed's bf16 optimizer's state (ZeRO-1, bf16 weights, fp32 gradient accumulation): unlike
+    ZeRO's, it carries no ``zero_stage``."""
+    return "zero_stage" not in optimizer_state
+
+
 def is_bf16_optimizer(tag_dir: Path) -> bool:
-    """Written by DeepSpeed's bf16 optimizer (ZeRO-1, bf16 weights, fp32 gradient accumulation), whose
-    optimizer files, unlike ZeRO's, carry no ``zero_stage``."""
-    files = sorted(Path(tag_dir).glob("bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"))
-    return bool(files) and "zero_stage" not in torch.load(files[0], map_location="cpu",
-                                                          weights_only=False)["optimizer_state_dict"]
+    """Written by DeepSpeed's bf16 optimizer (reads one rank's optimizer file)."""
+    files = _bf16_optimizer_files(tag_dir)
+    return bool(files) and _is_bf16_optimizer_state(
+        torch.load(files[0], map_location="cpu", weights_only=False)["optimizer_state_dict"])
 
 
-def _bf16_optimizer_masters(tag_dir: Path, config: dict, module: dict) -> dict[str, torch.Tensor]:
-    """DeepSpeed's bf16 optimizer (ZeRO-1 with fp32 gradient accumulation): each rank holds a contiguous
-    partition of every group's flat fp32 master, in rank order; DeepSpeed's zero_to_fp32 does not read it."""
-    files = sorted(Path(tag_dir).glob("bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"),
-                   key=lambda f: int(f.name.split("_")[4]))
-    parts = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-             ["single_partition_of_fp32_groups"] for f in files]
+def _bf16_optimizer_masters(tag_dir: Path, config: dict, module: dict) -> dict[str, torch.Tensor] | None:
+    """The fp32 masters of a checkpoint written by DeepSpeed's bf16 optimizer, or None for another
+    optimizer: each rank holds a contiguous partition of every group's flat fp32 master, in rank order;
+    DeepSpeed's zero_to_fp32 does not read it. Each rank's file is read once."""
+    states = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+              for f in _bf16_optimizer_files(tag_dir)]
+    if not states or not _is_bf16_optimizer_state(states[0]):
+        return None
+    parts = [state["single_partition_of_fp32_groups"] for state in states]
     return _split_masters([torch.cat(group) for group in zip(*parts)], config, module)
 
 
@@ -285,9 +297,11 @@ def read_consolidated(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
             module.update({plain_name(k): v for k, v in layer.items()})
     else:
         module = dict(model_states["module"])
-    if stage == 1 and info.get("pipeline_stages", 1) == 1 and is_bf16_optimizer(tag_dir):
-        module.update(_bf16_optimizer_masters(tag_dir, run_state["config"], module))
-    elif stage > 0 and info.get("pipeline_stages", 1) == 1:
+    plain = info.get("pipeline_stages", 1) == 1
+    bf16_masters = _bf16_optimizer_masters(tag_dir, run_state["config"], module) if stage == 1 and plain else None
+    if bf16_masters is not None:
+        module.update(bf16_masters)
+    elif stage > 0 and plain:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # The optimizer partitions hold the fp32 master of every trainable parameter and the model files
@@ -426,6 +440,7 @@ class Checkpointer:
     def __init__(self, cfg, group=None):
         self.cfg, self.group = cfg, group
         self.directory = Path(cfg.output_dir) / "checkpoints"
+
         def decide():
             where = resolve_resume(cfg.resume, self.directory)
             return where, is_portable(where), cfg.data_streams

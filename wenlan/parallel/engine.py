@@ -42,6 +42,11 @@ def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
+def low_precision(ds_config: dict) -> bool:
+    """bf16 or fp16 weights (DeepSpeed keeps fp32 masters in its optimizer)."""
+    return any(ds_config.get(k, {}).get("enabled") for k in ("bf16", "fp16"))
+
+
 def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters in two groups: biases, norms, embeddings and the temperature get no decay."""
     decay, no_decay = [], []
@@ -85,7 +90,7 @@ def build_module(cfg: TrainConfig, weights: dict[str, torch.Tensor] | None = Non
     with build, no_init_weights():
         model = BriVL(cfg.model, momentum=cfg.objective.name == "brivl")
         module = ContrastivePretraining(model, cfg.objective)
-    if zero3 and any(cfg.deepspeed_config.get(k, {}).get("enabled") for k in ("bf16", "fp16")):
+    if zero3 and low_precision(cfg.deepspeed_config):
         _float_buffers_in_fp32(model, cfg)
     if weights is not None:
         copy_state(module, weights, "converted checkpoint")

@@ -12,6 +12,9 @@ the step's momentum keys and loss totals itself, so neither path reads anything 
 micro-batch.
 """
 
+import itertools
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -61,8 +64,7 @@ def fp32_master(engine, param: torch.nn.Parameter, group=None, value: torch.Tens
     optimizer, master = engine.optimizer, None
     if hasattr(optimizer, "fp32_groups_flat"):  # FP16_Optimizer (fused Adam): flat per group
         for params, flat in zip(optimizer.fp16_groups, optimizer.fp32_groups_flat):
-            offsets = torch.tensor([0] + [p.numel() for p in params]).cumsum(0).tolist()
-            for p, start in zip(params, offsets):
+            for p, start in zip(params, itertools.accumulate((p.numel() for p in params), initial=0)):
                 if p is param:
                     master = flat[start:start + p.numel()].view(p.shape)
     elif hasattr(optimizer, "fp32_groups"):  # FP16_UnfusedOptimizer (torch Adam): one tensor per parameter
@@ -111,7 +113,6 @@ class Strategy:
         self.cfg, self.engine, self.objective = cfg, engine, objective
         self.device = engine.device
         self.stage, self.stages = stage, cfg.batch.pipeline_stages
-        self.is_last_stage = stage == self.stages - 1
         self.reads_data = stage in (0, self.stages - 1)  # DeepSpeed feeds inputs to the first, labels to the last
         self.data_parallel_group = data_parallel_group
         self.data_parallel_rank = dist.get_rank(data_parallel_group)
@@ -162,8 +163,6 @@ class Strategy:
         at its bf16 rounding (which is where DeepSpeed starts it); a fixed temperature is that value."""
         if not self._low_precision_temperature():
             return
-        import math
-
         value = torch.full((1,), math.log(1.0 / self.cfg.objective.temperature), device=self.device)
         if self.objective.log_scale.requires_grad:
             fp32_master(self.engine, self.objective.log_scale, self.data_parallel_group, value)
@@ -218,7 +217,7 @@ class PlainStrategy(Strategy):
     checkpoint's whole tensors to build from (``wenlan.parallel.reshard``)."""
 
     def __init__(self, cfg, weights: dict | None = None):
-        from wenlan.parallel.engine import build_engine, build_module, zero_stage
+        from wenlan.parallel.engine import build_engine, build_module, low_precision, zero_stage
 
         module = build_module(cfg, weights)
         engine = build_engine(module, cfg)
@@ -228,7 +227,7 @@ class PlainStrategy(Strategy):
         # DeepSpeed records the gradient norm in its ZeRO and mixed-precision optimizers, not in the plain
         # fp32 one of ZeRO-0: there it is computed here, from the whole averaged gradients.
         ds = cfg.deepspeed_config
-        self._own_grad_norm = zero_stage(ds) == 0 and not any(ds.get(k, {}).get("enabled") for k in ("bf16", "fp16"))
+        self._own_grad_norm = zero_stage(ds) == 0 and not low_precision(ds)
         self._grad_norm = None
 
     def train_step(self, batch: dict, use_queue: bool) -> None:
@@ -242,7 +241,7 @@ class PlainStrategy(Strategy):
             self.engine.backward(loss)
             if last and self._own_grad_norm:  # before the step clips them; stays on the device
                 grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-                self._grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                self._grad_norm = torch.nn.utils.get_total_norm(grads)
             self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
 
     def grad_norm(self):
