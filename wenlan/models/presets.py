@@ -56,8 +56,12 @@ PRESETS: dict[str, ModelConfig] = {
         embed_dim=2048),
     # The released BriVL-1.0: EfficientNet-B5 (blocks 3-6 trainable), 6x6+1 regions, 4 post-norm
     # attention layers per tower, chinese-roberta-wwm-ext-shaped BERT with its last 4 layers trainable.
+    # Its regions are sampled where BriVL's own code samples them (region_sampling="brivl"), so BriVL's
+    # weights compute what they computed; every other preset trains from scratch and keeps the
+    # symmetric cell-centre sampling.
     "brivl-1.0": ModelConfig(
         image=ImageTowerConfig(backbone="tf_efficientnet_b5", image_size=380, grid=6, box_samples=4,
+                               region_sampling="brivl",
                                trainable_prefixes=("blocks.3", "blocks.4", "blocks.5", "blocks.6"),
                                dim=2048, layers=4, heads=4, ffn_dim=2048, norm_first=False,
                                region_position=False),

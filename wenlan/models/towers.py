@@ -40,6 +40,10 @@ class ImageTowerConfig:
     """Boxes form a grid x grid tiling plus the whole image (BriVL's detector-free variant: 6x6 + 1)."""
     box_samples: int = 4
     """Each box is bilinearly sampled at box_samples x box_samples points, projected, then averaged."""
+    region_sampling: str = "centred"
+    """Where a box's samples sit (see ``RegionPool``): ``centred``, at the centres of the box's
+    box_samples x box_samples cells; ``brivl``, where BriVL's released code samples (its affine grid is
+    normalised by W - 1 but sampled with align_corners=False), for presets that load BriVL's weights."""
     dim: int = 128
     layers: int = 2
     heads: int = 4
@@ -95,27 +99,51 @@ def grid_boxes(grid: int) -> torch.Tensor:
     return torch.tensor(cells + [(-1.0, -1.0, 1.0, 1.0)])
 
 
+REGION_SAMPLINGS = ("centred", "brivl")
+
+
 class RegionPool(nn.Module):
     """Region features from a fixed set of boxes: bilinear samples per box, 1x1 conv, average.
 
     The 1x1 conv is a per-position linear map, so averaging first and projecting after gives the same
     result as BriVL's conv-then-avgpool at box_samples^2 times less compute.
+
+    Sample positions, in feature-pixel coordinates u in [0, W] (the map's edges; pixel i covers
+    [i, i + 1]), for a box with centre c and half-size h and q = (2k + 1) / box_samples - 1:
+    - ``centred``: u = c + h q, the centres of the box's cells; the whole image is sampled
+      symmetrically and every sample lies on the map.
+    - ``brivl``: u = W / (W - 1) (c + h q), BriVL-1.0's ``roi_grid_pool``, which builds its affine grid
+      with the align_corners=True normalisation (W - 1) and samples it with align_corners=False. The
+      samples are stretched away from the origin: on BriVL's 12x12 map the last cells' samples reach
+      past the last pixel and read zero padding. Only right for weights trained that way, and it
+      depends on W, so the map size (``map_size``) is fixed when the pool is built.
     """
 
-    def __init__(self, in_channels: int, dim: int, grid: int, box_samples: int):
+    def __init__(self, in_channels: int, dim: int, grid: int, box_samples: int, sampling: str = "centred",
+                 map_size: int | None = None):
         super().__init__()
+        if sampling not in REGION_SAMPLINGS:
+            raise ValueError(f"image.region_sampling={sampling!r}: use one of {', '.join(REGION_SAMPLINGS)}")
+        if sampling == "brivl" and (map_size is None or map_size < 2):
+            raise ValueError(f"image.region_sampling='brivl' needs the backbone's feature map size (>= 2), got {map_size}")
         self.proj = nn.Linear(in_channels, dim)
-        boxes = grid_boxes(grid)  # (R, 4)
-        t = (torch.arange(box_samples) + 0.5) / box_samples  # sample centres inside a box, in (0, 1)
-        xs = boxes[:, 0:1] + (boxes[:, 2:3] - boxes[:, 0:1]) * t  # (R, S)
-        ys = boxes[:, 1:2] + (boxes[:, 3:4] - boxes[:, 1:2]) * t  # (R, S)
+        boxes = grid_boxes(grid)  # (R, 4) in [-1, 1]
+        t = (torch.arange(box_samples, dtype=torch.float64) + 0.5) / box_samples  # sample centres inside a box, in (0, 1)
+        xs = boxes[:, 0:1].double() + (boxes[:, 2:3] - boxes[:, 0:1]).double() * t  # (R, S)
+        ys = boxes[:, 1:2].double() + (boxes[:, 3:4] - boxes[:, 1:2]).double() * t  # (R, S)
+        if sampling == "brivl":  # grid_sample's x = 2u / W - 1 becomes 2u / (W - 1) - 1
+            xs, ys = ((v + 1) * map_size / (map_size - 1) - 1 for v in (xs, ys))
         sample_grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)  # (R, S, S, 2)
         # A constant of the architecture, not state: kept out of checkpoints.
-        self.register_buffer("sample_grid", sample_grid.flatten(0, 1), persistent=False)  # (R*S, S, 2)
+        self.register_buffer("sample_grid", sample_grid.flatten(0, 1).float(), persistent=False)  # (R*S, S, 2)
         self.num_regions = boxes.shape[0]
+        self.sampling, self.map_size = sampling, map_size
 
     def forward(self, fmap: torch.Tensor) -> torch.Tensor:
         B, C = fmap.shape[:2]
+        if self.sampling == "brivl" and tuple(fmap.shape[2:]) != (self.map_size, self.map_size):
+            raise ValueError(f"region_sampling='brivl' was built for a {self.map_size}x{self.map_size} feature map, "
+                             f"got {tuple(fmap.shape[2:])}: feed images of image.image_size")
         grid = self.sample_grid.expand(B, -1, -1, -1)  # (B, R*S, S, 2), fp32
         # Sampled in fp32: bf16 coordinates would move the points by up to 2^-9 of the map (the map is
         # small next to the backbone's activations: 12x12 for BriVL-1.0).
@@ -135,6 +163,9 @@ class ImageBackbone(nn.Module):
             kwargs.setdefault("img_size", cfg.image_size)
         self.net = timm.create_model(cfg.backbone, pretrained=False, num_classes=0, global_pool="", **kwargs)
         self.num_features = self.net.num_features
+        # Side of the feature map at image_size: "same"-padded stride-2 stages each round up.
+        reduction = self.net.feature_info[-1]["reduction"] if hasattr(self.net, "feature_info") else None
+        self.map_size = -(-cfg.image_size // reduction) if reduction else None
         self.prefix_tokens = getattr(self.net, "num_prefix_tokens", 0)
         self.pretrained_path = cfg.pretrained_path
         if cfg.trainable_prefixes is not None:
@@ -194,7 +225,8 @@ class ImageTower(nn.Module):
         super().__init__()
         self.l2_regions = cfg.l2_regions
         self.backbone = ImageBackbone(cfg)
-        self.region_pool = RegionPool(self.backbone.num_features, cfg.dim, cfg.grid, cfg.box_samples)
+        self.region_pool = RegionPool(self.backbone.num_features, cfg.dim, cfg.grid, cfg.box_samples,
+                                      cfg.region_sampling, self.backbone.map_size)
         self.region_position = None
         if cfg.region_position:
             self.region_position = nn.Parameter(torch.randn(self.region_pool.num_regions, cfg.dim) * 0.02)
