@@ -193,27 +193,12 @@ def test_training_modes_of_key_towers_and_frozen_batchnorm():
         assert all(m.training == expected[id(m)] for m in layer.modules() if id(m) in expected)
 
 
-def _brivl_roi_grid_pool(fmap, boxes_px, image_size, samples, conv):
-    """BriVL-1.0's ``roi_grid_pool`` for one image, written out from its released code: boxes (x1, y1,
-    x2, y2) in input pixels are divided by input size / map size, an affine grid is built with the
-    (W - 1) normalisation and sampled with the defaults (align_corners=False, zero padding), then the
-    1x1 conv and an average over the samples."""
-    C, H, W = fmap.shape
-    x1, y1, x2, y2 = (boxes_px * H / image_size).unbind(1)
-    zero = torch.zeros_like(x1)
-    theta = torch.stack([(x2 - x1) / (W - 1), zero, (x1 + x2 - W + 1) / (W - 1),
-                         zero, (y2 - y1) / (H - 1), (y1 + y2 - H + 1) / (H - 1)], dim=1).view(-1, 2, 3)
-    R = boxes_px.shape[0]
-    grid = torch.nn.functional.affine_grid(theta, [R, C, samples, samples], align_corners=False)
-    pooled = torch.nn.functional.grid_sample(fmap.expand(R, C, H, W), grid, align_corners=False)  # (R, C, S, S)
-    return conv(pooled).mean(dim=(2, 3))  # (R, D): conv, then the S x S average pool
-
-
 def test_brivl_region_sampling_matches_brivl_code():
     """The brivl-1.0 preset samples its 6x6 + 1 boxes where BriVL's code does (issue: embedding cosine
     0.974 with cell-centre sampling on the same weights)."""
     import dataclasses
 
+    from brivl_reference import grid_boxes_px, roi_grid_pool
     from wenlan.models.init import parameters_on_meta
     from wenlan.models.towers import ImageTower, RegionPool
 
@@ -236,13 +221,11 @@ def test_brivl_region_sampling_matches_brivl_code():
     torch.testing.assert_close((whole + 1) * 12 / 2 - 0.5, torch.tensor([1.136, 4.409, 7.682, 10.955]),
                                rtol=0, atol=1e-3)
 
-    edges = [size * k / cfg.grid for k in range(cfg.grid + 1)]
-    cells = [(edges[c], edges[r], edges[c + 1], edges[r + 1]) for r in range(cfg.grid) for c in range(cfg.grid)]
-    boxes_px = torch.tensor(cells + [(0.0, 0.0, size, size)])
+    boxes_px = grid_boxes_px(cfg.grid, size)
     fmap = torch.randn(2, C, 12, 12)
     with torch.no_grad():
         ours = pool(fmap)  # (2, 37, D)
-        theirs = torch.stack([_brivl_roi_grid_pool(f, boxes_px, size, cfg.box_samples, conv) for f in fmap])
+        theirs = torch.stack([roi_grid_pool(f, boxes_px, size, cfg.box_samples, conv) for f in fmap])
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
         centred = dataclasses.replace(cfg, region_sampling="centred")
         centred_pool = RegionPool(C, D, centred.grid, centred.box_samples, centred.region_sampling)
