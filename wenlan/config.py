@@ -4,9 +4,12 @@ evaluation rebuild exactly the trained model."""
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from wenlan.data.index import shard_counts
 from wenlan.data.pipeline import check_train_layout, default_streams, expand_shards, missing_local_shards
@@ -70,6 +73,10 @@ class TrainConfig:
     resume: str = "auto"
     mlflow_uri: str | None = None
     mlflow_experiment: str = "wenlan"
+    init_from: str | None = None
+    """A file of ``wenlan.export`` or ``wenlan.convert``: a fresh run starts its online towers (and,
+    unless --temperature is given, its temperature) from it; the momentum towers start as their copy
+    and the queues empty. A run that resumes from a checkpoint ignores it."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -80,7 +87,7 @@ def model_config_from_dict(d: dict) -> ModelConfig:
     if image.get("trainable_prefixes") is not None:
         image["trainable_prefixes"] = tuple(image["trainable_prefixes"])
     return ModelConfig(image=ImageTowerConfig(**image), text=TextTowerConfig(**d["text"]),
-                       embed_dim=d["embed_dim"])
+                       embed_dim=d["embed_dim"], freeze=tuple(d.get("freeze", ())))
 
 
 def objective_config_from_dict(d: dict) -> ObjectiveConfig:
@@ -175,6 +182,21 @@ def _check_mlflow_uri(uri: str | None) -> None:
                          ".db, an http(s):// tracking server, or set MLFLOW_ALLOW_FILE_STORE=true")
 
 
+def _check_init_from(path: str, model: ModelConfig, objective: ObjectiveConfig, temperature_given: bool) -> None:
+    """The --init-from file exists, fits the preset's towers exactly, and lends its temperature."""
+    from wenlan.export import TowerFile
+
+    if not Path(path).is_file():
+        raise ValueError(f"--init-from: no such file {path!r} (a .safetensors of wenlan.export or wenlan.convert)")
+    try:
+        towers = TowerFile(path)
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(f"--init-from {path}: not a safetensors file ({err})") from None
+    towers.check_fits(model)
+    if towers.log_scale is not None and not temperature_given:
+        objective.temperature = math.exp(-towers.log_scale)
+
+
 def resolve(args) -> TrainConfig:
     """Command line -> validated TrainConfig. Raises ValueError naming the flag/field and the fix."""
     model = get_preset(args.preset)
@@ -183,6 +205,18 @@ def resolve(args) -> TrainConfig:
         value = getattr(args, key, None)
         if value is not None:
             setattr(objective, key, value)
+    freeze = tuple(getattr(args, "freeze", None) or ())
+    if freeze:
+        from transformers.initialization import no_init_weights
+
+        from wenlan.models.brivl import BriVL
+
+        model = dataclasses.replace(model, freeze=model.freeze + freeze)
+        with torch.device("meta"), no_init_weights():
+            BriVL(model, momentum=False)  # a pattern that matches nothing fails here, before any process starts
+    init_from = getattr(args, "init_from", None)
+    if init_from:
+        _check_init_from(init_from, model, objective, temperature_given=args.temperature is not None)
     objective.validate()
     _check_mlflow_uri(args.mlflow_uri)
     if args.max_steps < 1:
@@ -234,4 +268,4 @@ def resolve(args) -> TrainConfig:
         lr_warmup_steps=args.max_steps // 10 if args.warmup_steps is None else args.warmup_steps,
         eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every,
         num_workers=args.num_workers, data_streams=streams, color_augment=not args.no_color_augment, resume=args.resume,
-        mlflow_uri=args.mlflow_uri, mlflow_experiment=args.mlflow_experiment)
+        mlflow_uri=args.mlflow_uri, mlflow_experiment=args.mlflow_experiment, init_from=init_from)

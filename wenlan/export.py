@@ -11,6 +11,7 @@ metadata, so ``wenlan.load(FILE)`` needs nothing else.
 import argparse
 import json
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -72,6 +73,52 @@ def load_model_from_checkpoint(checkpoint: Path) -> tuple[BriVL, ModelConfig]:
 def tower_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The online towers of exported tensors, named as in BriVL's state dict."""
     return {k: v for k, v in tensors.items() if k.startswith(("image_tower.", "text_tower."))}
+
+
+class TowerFile(Mapping):
+    """The online towers (``image_tower.*``, ``text_tower.*``) of a file written by ``wenlan.export`` or
+    ``wenlan.convert``, named as in BriVL's state dict and read one tensor at a time, so starting a
+    10B run from a file never holds the whole file in memory. ``log_scale`` is the file's learned
+    log(1/T), if it has one."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        with safe_open(self.path, framework="pt") as f:
+            self.metadata = f.metadata() or {}
+            names = list(f.keys())
+            self.log_scale = f.get_tensor("log_scale").float().item() if "log_scale" in names else None
+        self._names = {n: n for n in names if n.startswith(("image_tower.", "text_tower."))}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        with safe_open(self.path, framework="pt") as f:
+            return f.get_tensor(self._names[name])
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def check_fits(self, model_cfg: ModelConfig) -> None:
+        """Every online tensor of ``model_cfg``'s BriVL is in the file with its shape, and nothing else
+        (checked on the meta device, before any process group starts)."""
+        from transformers.initialization import no_init_weights
+
+        with torch.device("meta"), no_init_weights():
+            expected = {k: v.shape for k, v in BriVL(model_cfg, momentum=False).state_dict().items()}
+        with safe_open(self.path, framework="pt") as f:
+            shapes = {n: tuple(f.get_slice(n).get_shape()) for n in self._names}
+        missing = sorted(set(expected) - set(shapes))
+        extra = sorted(set(shapes) - set(expected))
+        wrong = [f"{n} {shapes[n]} vs {tuple(expected[n])}" for n in expected if n in shapes and
+                 shapes[n] != tuple(expected[n])]
+        if missing or extra or wrong:
+            preset = json.loads(self.metadata.get("wenlan_model", "null"))
+            raise ValueError(f"--init-from {self.path}: does not fit the preset's towers ({len(missing)} tensors "
+                             f"missing {missing[:3]}, {len(extra)} unexpected {extra[:3]}, {len(wrong)} shapes "
+                             f"differ {wrong[:3]}); the file was written for model config "
+                             f"{'(none recorded)' if preset is None else 'with embed_dim ' + str(preset.get('embed_dim'))}"
+                             ": use the --preset it was trained with")
 
 
 class WenLanModel(torch.nn.Module):

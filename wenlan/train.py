@@ -51,6 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=int, default=1, help="data loader workers per rank")
     p.add_argument("--no-color-augment", action="store_true",
                    help="drop colour jitter and grayscale (for captions that name colours, e.g. the demo)")
+    p.add_argument("--init-from", default=None, metavar="FILE",
+                   help="start the towers from a wenlan.export / wenlan.convert .safetensors (a fresh run only)")
+    p.add_argument("--freeze", nargs="+", default=None, metavar="PATTERN",
+                   help="freeze online parameters whose names match these globs, e.g. 'text_tower.bert.*'")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
     return p.parse_args(argv)
 
@@ -122,6 +126,25 @@ def describe(cfg: TrainConfig, world_size: int) -> str:
             f"{world_size} ranks{layout}, global batch {batch.global_batch}, {cfg.max_steps} steps")
 
 
+def describe_weights(cfg: TrainConfig, resumed: bool) -> str:
+    """Where the weights start and what trains (counted on the meta device)."""
+    from transformers.initialization import no_init_weights
+
+    from wenlan.models.brivl import BriVL, frozen_summary
+
+    with torch.device("meta"), no_init_weights():
+        model = BriVL(cfg.model, momentum=False)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if resumed:
+        start = "weights from the checkpoint" + (f" (--init-from {cfg.init_from} not used: resuming)"
+                                                 if cfg.init_from else "")
+    else:
+        start = f"towers from --init-from {cfg.init_from}" if cfg.init_from else f"towers initialised from seed {cfg.seed}"
+    return (f"{start}; {trainable / 1e6:.2f} M of {total / 1e6:.2f} M online parameters train; "
+            f"frozen: {frozen_summary(model)}")
+
+
 def run(cfg: TrainConfig) -> dict:
     import torch.distributed as dist
 
@@ -152,6 +175,7 @@ def run(cfg: TrainConfig) -> dict:
     tracker.start(cfg, progress.restarts, progress.step)
     if rank == 0:
         log.info(describe(cfg, dist.get_world_size()))
+        log.info(describe_weights(cfg, resumed=progress.step > 0))
 
     def evaluate() -> dict:
         metrics = strategy.evaluate(tokenizer)

@@ -5,6 +5,7 @@ with m=0 (``wenlan.parallel.momentum.MomentumEMA``, partition-local under ZeRO-3
 every later EMA step. They never receive gradients.
 """
 
+import fnmatch
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,10 @@ class ModelConfig:
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     embed_dim: int = 128
+    freeze: tuple[str, ...] = ()
+    """Globs over the online towers' parameter names (``image_tower.backbone.*``, ``text_tower.bert.*``):
+    matching parameters are frozen, on top of the towers' ``trainable_prefixes`` and
+    ``trainable_bert_layers``. Frozen parameters get no gradient and no optimizer state."""
 
 
 KEY_TOWER = "momentum_"
@@ -47,12 +52,47 @@ def set_key_tower_modes(root: nn.Module) -> None:
             module.train(False)
 
 
+def freeze_matching(model: nn.Module, patterns: tuple[str, ...]) -> None:
+    """Freeze the parameters whose names match one of ``patterns`` (fnmatch globs); a pattern that
+    matches nothing is an error (a typo would otherwise train what was meant to be frozen)."""
+    names = [n for n, _ in model.named_parameters()]
+    for pattern in patterns:
+        matched = fnmatch.filter(names, pattern)
+        if not matched:
+            raise ValueError(f"--freeze {pattern!r} matches no parameter; names look like "
+                             f"{names[0]!r} or {names[-1]!r} (globs: * and ?)")
+        for name in matched:
+            model.get_parameter(name).requires_grad_(False)
+
+
+def frozen_summary(model: nn.Module) -> str:
+    """The frozen online parameters as the fewest module names that hold exactly them
+    (``image_tower.backbone.net.blocks.0, ...``), for the start-up log; ``none`` if none."""
+    frozen = []
+
+    def visit(name: str, module: nn.Module) -> None:
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            frozen.append(name)
+            return
+        for child_name, child in module.named_children():
+            visit(f"{name}.{child_name}" if name else child_name, child)
+        for pname, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                frozen.append(f"{name}.{pname}" if name else pname)
+
+    for tower in ("image_tower", "text_tower"):
+        visit(tower, model.get_submodule(tower))
+    return ", ".join(frozen) or "none"
+
+
 class BriVL(nn.Module):
     def __init__(self, cfg: ModelConfig, momentum: bool = True):
         super().__init__()
         self.cfg = cfg
         self.image_tower = ImageTower(cfg.image, cfg.embed_dim)
         self.text_tower = TextTower(cfg.text, cfg.embed_dim)
+        freeze_matching(self, cfg.freeze)
         self.momentum_image_tower = self.momentum_text_tower = None
         if momentum:
             self.momentum_image_tower = ImageTower(cfg.image, cfg.embed_dim).requires_grad_(False)

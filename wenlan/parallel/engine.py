@@ -98,6 +98,10 @@ def build_module(cfg: TrainConfig, weights: dict[str, torch.Tensor] | None = Non
     # The momentum towers are not initialised here: they start as a copy of the online towers.
     init_weights(module, cfg.seed, module_context=_gathered, skip_prefixes=("model.momentum_",))
     copy_state(model, model.pretrained_state(), "pretrained weights")
+    if cfg.init_from:
+        from wenlan.export import TowerFile
+
+        copy_state(model, TowerFile(cfg.init_from), "--init-from")
     return module
 
 

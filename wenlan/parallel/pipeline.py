@@ -249,7 +249,7 @@ def build_pipeline(cfg, stages: int):
         if isinstance(layer, TowerLayer):
             layer.materialize(device)
             _init_layer(layer, cfg.seed)
-    _copy_pretrained(model, local)
+    _copy_pretrained(model, local, cfg.init_from)
     for layer in local:
         bad = [n for n, p in layer.named_parameters() if not n.startswith(f"model{SEPARATOR}momentum_")
                and torch.isnan(p).any()]
@@ -288,18 +288,25 @@ def _init_layer(layer: TowerLayer, seed: int) -> None:
 
 
 @torch.no_grad()
-def _copy_pretrained(model: BriVL, local: list[nn.Module]) -> None:
-    state = model.pretrained_state() if any(isinstance(layer, TowerLayer) for layer in local) else {}
-    if not state:
+def _copy_pretrained(model: BriVL, local: list[nn.Module], init_from: str | None) -> None:
+    """The configured pretrained weights, then the --init-from file's, into this rank's layers."""
+    if not any(isinstance(layer, TowerLayer) for layer in local):
         return
-    for layer in local:
-        for key, tensor in [*layer.named_parameters(), *layer.named_buffers()]:
-            name = plain_name(key).removeprefix("model.")
-            if name in state:
-                if state[name].shape != tensor.shape:
-                    raise ValueError(f"pretrained weights: {name} has shape {tuple(state[name].shape)}, the model "
-                                     f"expects {tuple(tensor.shape)}")
-                tensor.copy_(state[name])
+    from wenlan.export import TowerFile
+
+    sources = [("pretrained weights", model.pretrained_state())]
+    if init_from:
+        sources.append(("--init-from", TowerFile(init_from)))
+    for what, state in sources:
+        for layer in local:
+            for key, tensor in [*layer.named_parameters(), *layer.named_buffers()]:
+                name = plain_name(key).removeprefix("model.")
+                if name in state:
+                    value = state[name]
+                    if value.shape != tensor.shape:
+                        raise ValueError(f"{what}: {name} has shape {tuple(value.shape)}, the model "
+                                         f"expects {tuple(tensor.shape)}")
+                    tensor.copy_(value)
 
 
 @torch.no_grad()
