@@ -41,7 +41,21 @@ def test_valid_config_resolves(tiny_data, tmp_path, monkeypatch):
     assert cfg.data_streams == 2
 
 
+def test_queue_warmup_follows_the_lr_warmup_unless_given(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    cfg = resolve(args_for(tiny_data, tmp_path, **{"--max-steps": "800"}))
+    assert cfg.lr_warmup_steps == 80 and cfg.objective.queue_warmup_steps == 80
+    cfg = resolve(args_for(tiny_data, tmp_path, **{"--max-steps": "800", "--warmup-steps": "30"}))
+    assert cfg.objective.queue_warmup_steps == 30
+    cfg = resolve(args_for(tiny_data, tmp_path, **{"--max-steps": "800", "--queue-warmup-steps": "0"}))
+    assert cfg.objective.queue_warmup_steps == 0 and cfg.lr_warmup_steps == 80
+    assert json.loads(json.dumps(cfg.to_dict()))["objective"]["queue_warmup_steps"] == 0  # resolved in config.json
+
+
 @pytest.mark.parametrize("override, message", [
+    ({"--freeze": "text.bert*"}, "--freeze 'text.bert*' matches no parameter"),
+    ({"--init-from": "missing.safetensors"}, "--init-from: no such file 'missing.safetensors'"),
+    ({"--queue-warmup-steps": "-1"}, "objective.queue_warmup_steps=-1 must be >= 0"),
     ({"--preset": "huge"}, "--preset: unknown preset 'huge'; choose one of tiny, tiny-vit, base, 1b, 10b, brivl-1.0"),
     ({"--queue-size": "100"}, "queue_size=100 is not a multiple of the global batch 16"),
     ({"--queue-size": "100"}, "use --queue-size 96"),

@@ -25,7 +25,7 @@ PRESET_OBJECTIVES = {
     "1b": dict(queue_size=65536, momentum=0.999, momentum_start=0.99),
     "10b": dict(queue_size=65536, momentum=0.999, momentum_start=0.99),
     "brivl-1.0": dict(queue_size=9600, momentum=0.99, temperature=0.07, in_batch_negatives=False,
-                      learnable_temperature=False),
+                      learnable_temperature=False, queue_warmup_steps=0),
 }
 
 
@@ -77,6 +77,10 @@ class TrainConfig:
     """A file of ``wenlan.export`` or ``wenlan.convert``: a fresh run starts its online towers (and,
     unless --temperature is given, its temperature) from it; the momentum towers start as their copy
     and the queues empty. A run that resumes from a checkpoint ignores it."""
+
+    def __post_init__(self):
+        if self.objective.queue_warmup_steps is None:  # the queue's negatives wait for the LR warm-up
+            self.objective.queue_warmup_steps = self.lr_warmup_steps
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -259,13 +263,14 @@ def resolve(args) -> TrainConfig:
                            nonempty=sum(n > 0 for n in counts.samples) if counts is not None else None)
     except ValueError as err:
         raise ValueError(f"--train-shards / --data-streams: {err}") from None
+    # Proportional: a 200,000-step run at global batch 4,096 warms up over 20,000 steps, as large
+    # contrastive runs do; the demo's 800 steps over 80.
+    lr_warmup_steps = args.max_steps // 10 if args.warmup_steps is None else args.warmup_steps
     return TrainConfig(
         preset=args.preset, model=model, objective=objective, batch=batch, deepspeed_config=ds,
         tokenizer=args.tokenizer, train_shards=list(args.train_shards), val_shards=list(args.val_shards),
         output_dir=args.output_dir, max_steps=args.max_steps, seed=args.seed,
-        # Proportional: a 200,000-step run at global batch 4,096 warms up over 20,000 steps, as large
-        # contrastive runs do; the demo's 800 steps over 80.
-        lr_warmup_steps=args.max_steps // 10 if args.warmup_steps is None else args.warmup_steps,
+        lr_warmup_steps=lr_warmup_steps,
         eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every,
         num_workers=args.num_workers, data_streams=streams, color_augment=not args.no_color_augment, resume=args.resume,
         mlflow_uri=args.mlflow_uri, mlflow_experiment=args.mlflow_experiment, init_from=init_from)

@@ -1,8 +1,13 @@
 """Image-text retrieval: R@1/5/10 in both directions and mean recall.
 
-``python -m wenlan.evaluate --checkpoint DIR/checkpoints --val-shards ... --tokenizer DIR``
-evaluates a checkpoint of any strategy on CPU; training calls ``evaluate`` on the live model.
-Pair i of the validation set is the only correct match for image i and caption i.
+``python -m wenlan.evaluate (--checkpoint DIR/checkpoints | --model FILE) --val-shards ... --tokenizer DIR``
+evaluates a checkpoint of any strategy, or a file of ``wenlan.export`` / ``wenlan.convert``, on CPU;
+training calls ``evaluate`` on the live model.
+
+Each validation image's captions are its only correct matches: one caption (pair i matches only pair
+i), or several (a ``captions`` list in the sample's json). With several, the standard Flickr30K / COCO
+protocol: image -> text counts a hit at K if any of the image's captions is among the top K of all
+captions; text -> image ranks the images for every caption.
 """
 
 import argparse
@@ -17,38 +22,66 @@ from wenlan.data.transforms import model_images
 KS = (1, 5, 10)
 
 
+def group_rows(keys: list[str]) -> tuple[list[int], torch.Tensor]:
+    """The eval loader's rows (one per caption; the rows of one image share its key) -> the first row
+    of every image, in order, and for every row the index of its image among those. (rows,), (T,)."""
+    first: dict[str, int] = {}
+    rows, caption_image = [], []
+    for row, key in enumerate(keys):
+        if key not in first:
+            first[key] = len(rows)
+            rows.append(row)
+        caption_image.append(first[key])
+    return rows, torch.tensor(caption_image, dtype=torch.long)
+
+
 @torch.no_grad()
-def embed_pairs(model, loader) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(N, E) image and text embeddings of every val pair, and how many samples were skipped."""
+def embed_pairs(model, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(N, E) embeddings of every val image, (T, E) of every caption, (T,) the image of each caption,
+    and how many samples were skipped. Each image is embedded once, however many captions it has."""
     was_training = model.training
     model.eval()
-    images, texts, skipped = [], [], 0
+    images, texts, keys, skipped = [], [], set(), 0
+    all_keys = []
     param = next(model.parameters())
     for batch in loader:
-        skipped += sum(batch["skipped"].values())  # {reason: count}
+        skipped += sum(batch["skipped"].values())
         if batch["images"].shape[0] == 0:
             continue
-        pixels = model_images(batch["images"], batch["colour_maps"], param.device, param.dtype)
-        images.append(model.encode_image(pixels).float().cpu())
+        rows, _ = group_rows(batch["keys"])
+        rows = [r for r in rows if batch["keys"][r] not in keys]  # an image's rows may straddle two batches
+        if rows:
+            pixels = model_images(batch["images"][rows], batch["colour_maps"][rows], param.device, param.dtype)
+            images.append(model.encode_image(pixels).float().cpu())
         texts.append(model.encode_text(batch["input_ids"].to(param.device),
                                        batch["attention_mask"].to(param.device)).float().cpu())
+        keys.update(batch["keys"])
+        all_keys.extend(batch["keys"])
     model.train(was_training)
-    return torch.cat(images), torch.cat(texts), skipped
+    return torch.cat(images), torch.cat(texts), group_rows(all_keys)[1], skipped
 
 
-def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str, float]:
-    """Recall@K where the match of row i is column i, both directions."""
-    sim = image_emb @ text_emb.t()  # (N, N)
-    n = sim.shape[0]
-    target = torch.arange(n)
+def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor,
+                      caption_image: torch.Tensor | None = None) -> dict[str, float]:
+    """Recall@K both ways. image_emb (N, E), text_emb (T, E); caption_image (T,) the image of each
+    caption (default: caption i belongs to image i, T = N)."""
+    sim = image_emb @ text_emb.t()  # (N, T)
+    n, t = sim.shape
+    if caption_image is None:
+        caption_image = torch.arange(n)
+    correct = caption_image[None, :] == torch.arange(n)[:, None]  # (N, T)
+    # The rank of a hit = the number of candidates scored strictly higher than the best correct one.
+    best_correct = sim.masked_fill(~correct, float("-inf")).amax(dim=1)  # (N,)
+    ranks = {"i2t": (sim > best_correct[:, None]).sum(dim=1),  # (N,)
+             "t2i": (sim.t() > sim[caption_image, torch.arange(t)][:, None]).sum(dim=1)}  # (T,)
     metrics: dict[str, float] = {}
-    for name, s in (("i2t", sim), ("t2i", sim.t())):
-        # rank of the true match = number of candidates scored strictly higher
-        rank = (s > s[target, target][:, None]).sum(dim=1)  # (N,)
+    for name, rank in ranks.items():
         for k in KS:
             metrics[f"r{k}_{name}"] = (rank < k).float().mean().item()
     metrics["mean_recall"] = sum(metrics[f"r{k}_{d}"] for k in KS for d in ("i2t", "t2i")) / (2 * len(KS))
     metrics["n_pairs"] = n
+    if t != n:
+        metrics["n_captions"] = t
     return metrics
 
 
@@ -56,8 +89,8 @@ def evaluate(model, val_shards: list[str], tokenizer, image_size: int, max_text_
              batch_size: int = 128) -> dict:
     cfg = DataConfig(shards=list(val_shards), batch_size=batch_size, image_size=image_size,
                      max_text_len=max_text_len, num_workers=0, augment=False)
-    image_emb, text_emb, skipped = embed_pairs(model, make_eval_loader(cfg, tokenizer))
-    metrics = retrieval_metrics(image_emb, text_emb)
+    image_emb, text_emb, caption_image, skipped = embed_pairs(model, make_eval_loader(cfg, tokenizer))
+    metrics = retrieval_metrics(image_emb, text_emb, caption_image)
     metrics["skipped"] = skipped
     return metrics
 
@@ -66,14 +99,16 @@ def format_table(m: dict) -> str:
     rows = [f"{'':<14}{'R@1':>8}{'R@5':>8}{'R@10':>8}"]
     for d, label in (("i2t", "image->text"), ("t2i", "text->image")):
         rows.append(f"{label:<14}" + "".join(f"{m[f'r{k}_{d}']:>8.3f}" for k in KS))
-    rows.append(f"mean recall {m['mean_recall']:.3f} over {m['n_pairs']} pairs "
-                f"(mean R@1 {(m['r1_i2t'] + m['r1_t2i']) / 2:.3f})")
+    over = f"{m['n_pairs']} images, {m['n_captions']} captions" if "n_captions" in m else f"{m['n_pairs']} pairs"
+    rows.append(f"mean recall {m['mean_recall']:.3f} over {over} (mean R@1 {(m['r1_i2t'] + m['r1_t2i']) / 2:.3f})")
     return "\n".join(rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="DIR/checkpoints (latest) or one tag directory")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="DIR/checkpoints (latest) or one tag directory")
+    source.add_argument("--model", help="a .safetensors of wenlan.export or wenlan.convert")
     parser.add_argument("--val-shards", nargs="+", required=True)
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -81,9 +116,13 @@ def main() -> None:
     args = parser.parse_args()
 
     from wenlan.data.tokenizer import load_tokenizer
-    from wenlan.export import load_model_from_checkpoint
+    from wenlan.export import load, load_model_from_checkpoint
 
-    model, model_cfg = load_model_from_checkpoint(Path(args.checkpoint))
+    if args.checkpoint:
+        model, model_cfg = load_model_from_checkpoint(Path(args.checkpoint))
+    else:
+        model = load(args.model).model  # the towers; captions are tokenised with --tokenizer either way
+        model_cfg = model.cfg
     metrics = evaluate(model, args.val_shards, load_tokenizer(args.tokenizer), model_cfg.image.image_size,
                        model_cfg.text.max_len, args.batch_size)
     print(format_table(metrics))

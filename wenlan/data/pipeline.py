@@ -194,13 +194,33 @@ def _caption(fields: dict[str, bytes]) -> str:
     return caption
 
 
-def _decode(fields: dict[str, bytes], transform, max_pixels: int, seed: int | None) -> tuple[object, str]:
+def _eval_captions(fields: dict[str, bytes]) -> list[str]:
+    """Every caption of a validation image: the json's ``captions`` list where there is one (datasets
+    with several captions per image: Flickr30K-CN, COCO-CN, AIC-ICC), else the one caption."""
+    try:
+        meta = json.loads(fields["json"]) if "json" in fields else None
+    except (ValueError, RecursionError):
+        meta = None
+    captions = meta.get("captions") if isinstance(meta, dict) else None
+    if captions is None:
+        return [_caption(fields)]
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        raise _Bad("bad captions list")
+    captions = [c.strip() for c in captions if c.strip()]
+    if not captions:
+        raise _Bad("empty caption")
+    return captions
+
+
+def _decode(fields: dict[str, bytes], transform, max_pixels: int, seed: int | None,
+            all_captions: bool = False) -> tuple[object, str | list[str]]:
     """((pixels, colour map), caption), or _Bad saying why not: uint8 pixels # (3, S, S) and their colour
-    map # (3, 7) (see wenlan.data.transforms). `seed`: the random draws."""
+    map # (3, 7) (see wenlan.data.transforms). `seed`: the random draws. ``all_captions``: a list of
+    every caption of the image (``_eval_captions``) instead of the one."""
     ext = next((e for e in IMAGE_EXTS if e in fields), None)
     if ext is None:
         raise _Bad("missing image")
-    caption = _caption(fields)
+    caption = _eval_captions(fields) if all_captions else _caption(fields)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels is checked below
@@ -572,15 +592,16 @@ class _EvalPass(IterableDataset):
                     continue
                 key, fields = got
                 try:
-                    image, caption = _decode(fields, self.transform, cfg.max_image_pixels, None)
+                    image, captions = _decode(fields, self.transform, cfg.max_image_pixels, None, all_captions=True)
                 except _Bad as e:
                     skip_log.sample(url, key, e)
                     skipped[e.reason] += 1
                     continue
-                pending.append((f"{url}#{key}", image, caption))
-                if len(pending) == cfg.batch_size:
-                    yield self._batch(pending, skipped)
-                    pending, skipped = [], Counter()
+                for caption in captions:  # one row per (image, caption): rows of one image share its key
+                    pending.append((f"{url}#{key}", image, caption))
+                    if len(pending) == cfg.batch_size:
+                        yield self._batch(pending, skipped)
+                        pending, skipped = [], Counter()
         if pending or skipped:
             yield self._batch(pending, skipped)
 
@@ -590,7 +611,9 @@ class _EvalPass(IterableDataset):
 
 
 def make_eval_loader(cfg: DataConfig, tokenizer) -> DataLoader:
-    """One deterministic pass over all shards: eval transform, no shuffle, every good sample.
+    """One deterministic pass over all shards: eval transform, no shuffle, every good sample; a sample
+    with several captions (a ``captions`` list in its json) gives one row per caption, the rows sharing
+    the sample's key (``wenlan.evaluate.group_rows`` turns them into images and their captions).
 
     Batches {"images", "colour_maps", "input_ids", "attention_mask", "keys", "skipped": {reason: count}}
     (as make_train_loader's; the colour maps are the normalisation alone) of

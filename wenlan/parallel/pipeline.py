@@ -316,17 +316,18 @@ def evaluate_pipeline(engine, cfg, tokenizer, image_dtype) -> dict:
     training size (the shapes between stages are fixed), the last batch padded; the last stage's first
     rank scores the embeddings and broadcasts the metrics."""
     from wenlan.data.pipeline import DataConfig, make_eval_loader
-    from wenlan.evaluate import retrieval_metrics
+    from wenlan.evaluate import group_rows, retrieval_metrics
 
     micro = cfg.batch.micro_batch
     data = DataConfig(shards=list(cfg.val_shards), batch_size=micro, image_size=cfg.model.image.image_size,
                       max_text_len=cfg.model.text.max_len, num_workers=0, augment=False)
-    images, texts, skipped = [], [], 0
+    images, texts, keys, skipped = [], [], [], 0
     for batch in make_eval_loader(data, tokenizer):
         skipped += sum(batch["skipped"].values())
         n = batch["images"].shape[0]
         if n == 0:
             continue
+        keys.extend(batch["keys"])  # one row per caption: an image with several captions repeats
         pad = micro - n
         pixels, maps = batch["images"], batch["colour_maps"]
         input_ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -347,7 +348,8 @@ def evaluate_pipeline(engine, cfg, tokenizer, image_dtype) -> dict:
     source = engine.grid.stage_to_global(engine.num_stages - 1, data=0)  # the last stage's first rank
     result = [None]
     if dist.get_rank() == source:
-        metrics = retrieval_metrics(torch.cat(images), torch.cat(texts))
+        first_rows, caption_image = group_rows(keys)
+        metrics = retrieval_metrics(torch.cat(images)[first_rows], torch.cat(texts), caption_image)
         result = [dict(metrics, skipped=skipped)]
     dist.broadcast_object_list(result, src=source)  # a small dict, no gradient
     engine.module.train()
