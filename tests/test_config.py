@@ -108,12 +108,15 @@ def test_train_cli_exits_before_any_process_group(tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize("config, preset", [("cpu_tiny.json", "tiny"), ("cpu_tiny_zero3.json", "tiny"),
-                                            ("zero3_1b.json", "1b"), ("zero3_10b.json", "10b")])
+                                            ("zero3_1b.json", "1b"), ("zero3_10b.json", "10b"),
+                                            ("finetune_brivl.json", "brivl-1.0")])
 def test_shipped_deepspeed_configs_resolve(tiny_data, tmp_path, monkeypatch, config, preset):
     monkeypatch.setenv("WORLD_SIZE", "2")
     args = args_for(tiny_data, tmp_path, **{"--deepspeed_config": str(ROOT / "ds_configs" / config), "--preset": preset})
     cfg = resolve(args)
     assert cfg.batch.global_batch == 2 * cfg.deepspeed_config["train_micro_batch_size_per_gpu"]
+    if config == "finetune_brivl.json":  # BriVL's 9,600-key queue fits 60 per GPU on 1, 2, 4, 8 or 16 GPUs
+        assert all(cfg.objective.queue_size % (60 * n) == 0 for n in (1, 2, 4, 8, 16))
 
 
 @pytest.fixture(scope="module")

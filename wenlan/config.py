@@ -16,7 +16,6 @@ from wenlan.data.pipeline import check_train_layout, default_streams, expand_sha
 from wenlan.losses.objective import ObjectiveConfig
 from wenlan.models.brivl import ModelConfig
 from wenlan.models.presets import get_preset
-from wenlan.models.towers import ImageTowerConfig, TextTowerConfig
 
 # Objective settings that belong to a preset (queue sized to the batch a preset is run with).
 PRESET_OBJECTIVES = {
@@ -84,14 +83,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def model_config_from_dict(d: dict) -> ModelConfig:
-    image = dict(d["image"])
-    if image.get("trainable_prefixes") is not None:
-        image["trainable_prefixes"] = tuple(image["trainable_prefixes"])
-    return ModelConfig(image=ImageTowerConfig(**image), text=TextTowerConfig(**d["text"]),
-                       embed_dim=d["embed_dim"], freeze=tuple(d.get("freeze", ())))
 
 
 def objective_config_from_dict(d: dict) -> ObjectiveConfig:

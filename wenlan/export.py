@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
-from wenlan.config import model_config_from_dict
-from wenlan.models.brivl import BriVL, ModelConfig
+from wenlan.models.brivl import BriVL, ModelConfig, model_config_from_dict
 
 # checkpoint (module) name prefix -> exported name prefix
 ONLINE = {"model.image_tower.": "image_tower.", "model.text_tower.": "text_tower.", "log_scale": "log_scale"}

@@ -8,6 +8,7 @@ import argparse
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by the deepspeed launcher
@@ -95,9 +96,11 @@ class StepLog:
             logged["grad_norm"] = float(grad_norm)
         if dist.get_rank() == 0:
             grad = f"grad-norm {logged['grad_norm']:.3g}  " if "grad_norm" in logged else ""
+            rate = logged["samples_per_s"]
+            rate = f"{rate:.0f}" if rate >= 10 else f"{rate:.2g}"  # a 10B step on few GPUs takes seconds
             print(f"step {step:>6}/{self.cfg.max_steps}  loss {logged['loss']:.4f}  acc {logged['acc_i2t']:.3f}  "
                   f"lr {logged['lr']:.2e}  {grad}T {logged['temperature']:.4f}  "
-                  f"{logged['samples_per_s']:.0f} samples/s  data-wait {100 * logged['data_wait']:.0f}%"
+                  f"{rate} samples/s  data-wait {100 * logged['data_wait']:.0f}%"
                   + (f"  skipped {logged['skipped_samples']}" if logged["skipped_samples"] else ""), flush=True)
             self.tracker.log_metrics(logged, step=step)
         self._reset()
@@ -218,6 +221,9 @@ def run(cfg: TrainConfig) -> dict:
 
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # DeepSpeed 0.19 calls torch's old collective names every step; torch 2.14 warns each time.
+    for old in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+        warnings.filterwarnings("ignore", message=rf"`torch\.distributed\.{old}` is deprecated", category=FutureWarning)
     args = parse_args(argv)
     try:
         cfg = resolve(args)  # fails fast, before any process group starts

@@ -52,6 +52,16 @@ def set_key_tower_modes(root: nn.Module) -> None:
             module.train(False)
 
 
+def model_config_from_dict(d: dict) -> ModelConfig:
+    """The inverse of ``dataclasses.asdict`` on a ModelConfig (as stored in config.json, checkpoints and
+    exported files; JSON turned its tuples into lists)."""
+    image = dict(d["image"])
+    if image.get("trainable_prefixes") is not None:
+        image["trainable_prefixes"] = tuple(image["trainable_prefixes"])
+    return ModelConfig(image=ImageTowerConfig(**image), text=TextTowerConfig(**d["text"]),
+                       embed_dim=d["embed_dim"], freeze=tuple(d.get("freeze", ())))
+
+
 def freeze_matching(model: nn.Module, patterns: tuple[str, ...]) -> None:
     """Freeze the parameters whose names match one of ``patterns`` (fnmatch globs); a pattern that
     matches nothing is an error (a typo would otherwise train what was meant to be frozen)."""

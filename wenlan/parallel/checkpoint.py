@@ -211,7 +211,8 @@ def optimizer_order(config: dict) -> list[str]:
 
 def optimizer_groups(config: dict) -> list[list[str]]:
     """The trainable parameters' names per optimizer parameter group, in order."""
-    from wenlan.config import model_config_from_dict, objective_config_from_dict
+    from wenlan.config import objective_config_from_dict
+    from wenlan.models.brivl import model_config_from_dict
     from wenlan.losses.objective import ContrastivePretraining
     from wenlan.models.brivl import BriVL
     from wenlan.parallel.engine import param_groups
