@@ -13,6 +13,7 @@
 #   ACCELERATOR               cuda (default) or cpu (DeepSpeed on CPU with gloo: the tiny preset, tests)
 #   SAVE_EVERY, EVAL_EVERY    steps between checkpoints / evaluations (defaults 1000 / 5000)
 #   NUM_WORKERS               DataLoader workers per process (default 4)
+#   ACTIVATION_CHECKPOINTING  recompute every K-th tower block in the backward (0 off; the script's default)
 #   SEED, RESUME              --seed (0) and --resume (auto); RESUME=PATH|none applies to the job's first
 #                             start only: a requeued job resumes from its own newest checkpoint
 #   MLFLOW_URI, MLFLOW_EXPERIMENT   tracking store (default: sqlite next to OUTPUT_DIR) and experiment
@@ -38,6 +39,11 @@ ACCELERATOR=${ACCELERATOR:-cuda}
 SAVE_EVERY=${SAVE_EVERY:-1000}
 EVAL_EVERY=${EVAL_EVERY:-5000}
 NUM_WORKERS=${NUM_WORKERS:-4}
+ACTIVATION_CHECKPOINTING=${ACTIVATION_CHECKPOINTING:-0}
+if [[ $ACTIVATION_CHECKPOINTING != 0 ]] && grep -q '"pipeline"' "$DS_CONFIG"; then
+  echo "$DS_CONFIG is a pipeline config: its pipeline.activation_checkpoint_interval applies, not ACTIVATION_CHECKPOINTING"
+  ACTIVATION_CHECKPOINTING=0
+fi
 SEED=${SEED:-0}
 RESUME=${RESUME:-auto}
 MLFLOW_EXPERIMENT=${MLFLOW_EXPERIMENT:-wenlan}
@@ -79,7 +85,8 @@ set +f
 args=(--deepspeed_config "$DS_CONFIG" --preset "$PRESET" --tokenizer "$TOKENIZER"
       --train-shards "${train_shards[@]}" --val-shards "${val_shards[@]}" --max-steps "$MAX_STEPS"
       --output-dir "$OUTPUT_DIR" --resume "$RESUME" --seed "$SEED" --save-every "$SAVE_EVERY"
-      --eval-every "$EVAL_EVERY" --num-workers "$NUM_WORKERS" --mlflow-experiment "$MLFLOW_EXPERIMENT")
+      --eval-every "$EVAL_EVERY" --num-workers "$NUM_WORKERS" --mlflow-experiment "$MLFLOW_EXPERIMENT"
+      --activation-checkpointing "$ACTIVATION_CHECKPOINTING")
 if [[ -n ${MLFLOW_URI:-} ]]; then args+=(--mlflow-uri "$MLFLOW_URI"); fi
 args+=("${extra[@]}")
 

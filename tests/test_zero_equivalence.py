@@ -159,6 +159,23 @@ def test_zero3_partitions_the_momentum_towers(runs):
     assert shapes == [256 * 128 // 2] * 2
 
 
+def test_activation_checkpointing_under_zero3_changes_nothing(runs, data, tmp_path):
+    """The 2-rank ZeRO-3 run again with every block of the online towers recomputed in the backward
+    (parameters re-gathered for the recompute): the same loss and gradient norm at every step and the
+    same weights, momentum towers and queues, bit for bit."""
+    out = tmp_path / "zero3-checkpointed"
+    proc = launch(2, train_args(data, out, ds_config(tmp_path, 3, GLOBAL_BATCH // 2, 1)) +
+                  ["--activation-checkpointing", "1"])
+    assert "activation checkpointing every block" in proc.stdout + proc.stderr
+    reference = runs["zero3-2rank"]
+    for key in ("loss", "grad_norm"):
+        assert metric_history(out, key) == metric_history(reference, key), key
+    expected, got = exported(reference), exported(out)
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, got[name]), name
+
+
 def test_kill9_at_random_steps_then_resume_auto_is_bitwise_equal(runs, data, tmp_path):
     """Three SIGKILLs of all ranks at random steps (with a checkpoint every 2 steps, so some land right
     after a save, some mid-way), each followed by --resume auto; the final weights are bit for bit the

@@ -72,6 +72,9 @@ class TrainConfig:
     resume: str = "auto"
     mlflow_uri: str | None = None
     mlflow_experiment: str = "wenlan"
+    activation_checkpointing: int = 0
+    """Plain/ZeRO path: recompute every k-th block of each online tower in the backward (0: off, 1:
+    every block; ``wenlan.parallel.activation``). A pipeline uses ``pipeline.activation_checkpoint_interval``."""
     init_from: str | None = None
     """A file of ``wenlan.export`` or ``wenlan.convert``: a fresh run starts its online towers (and,
     unless --temperature is given, its temperature) from it; the momentum towers start as their copy
@@ -232,6 +235,13 @@ def resolve(args) -> TrainConfig:
                          "DeepSpeed use its bf16 optimizer, which never updates the learnable temperature (a "
                          "parameter of the loss on the last stage; measured with DeepSpeed 0.19); drop "
                          "data_types.grad_accum_dtype (ZeRO-1 then accumulates in bf16) or fix the temperature")
+    checkpointing = getattr(args, "activation_checkpointing", 0) or 0
+    if checkpointing < 0:
+        raise ValueError(f"--activation-checkpointing {checkpointing}: use 0 (off), 1 (every block) or k (every k-th "
+                         "block)")
+    if stages > 1 and checkpointing:
+        raise ValueError("--activation-checkpointing applies to the ZeRO path; a pipeline checkpoints its layers with "
+                         "the DeepSpeed config's pipeline.activation_checkpoint_interval")
     if stages > 1:
         from wenlan.parallel.pipeline import check_stages, partition_method
 
@@ -264,4 +274,5 @@ def resolve(args) -> TrainConfig:
         lr_warmup_steps=lr_warmup_steps,
         eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every,
         num_workers=args.num_workers, data_streams=streams, color_augment=not args.no_color_augment, resume=args.resume,
-        mlflow_uri=args.mlflow_uri, mlflow_experiment=args.mlflow_experiment, init_from=init_from)
+        mlflow_uri=args.mlflow_uri, mlflow_experiment=args.mlflow_experiment, init_from=init_from,
+        activation_checkpointing=checkpointing)

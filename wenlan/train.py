@@ -52,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=int, default=1, help="data loader workers per rank")
     p.add_argument("--no-color-augment", action="store_true",
                    help="drop colour jitter and grayscale (for captions that name colours, e.g. the demo)")
+    p.add_argument("--activation-checkpointing", type=int, default=0, metavar="K",
+                   help="recompute every K-th block of each tower in the backward (0: off, 1: every block)")
     p.add_argument("--init-from", default=None, metavar="FILE",
                    help="start the towers from a wenlan.export / wenlan.convert .safetensors (a fresh run only)")
     p.add_argument("--freeze", nargs="+", default=None, metavar="PATTERN",
@@ -125,8 +127,10 @@ def describe(cfg: TrainConfig, world_size: int) -> str:
     batch = cfg.batch
     layout = f" ({batch.pipeline_stages} pipeline stages x {batch.data_parallel_size} data-parallel)" \
         if batch.pipeline_stages > 1 else ""
+    k = cfg.activation_checkpointing
+    checkpointing = "" if not k else f", activation checkpointing every {'' if k == 1 else f'{k}-th '}block"
     return (f"preset {cfg.preset}, objective {cfg.objective.name}, ZeRO-{zero_stage(cfg.deepspeed_config)}, "
-            f"{world_size} ranks{layout}, global batch {batch.global_batch}, {cfg.max_steps} steps")
+            f"{world_size} ranks{layout}, global batch {batch.global_batch}, {cfg.max_steps} steps{checkpointing}")
 
 
 def describe_weights(cfg: TrainConfig, resumed: bool) -> str:

@@ -17,6 +17,7 @@ from wenlan.config import TrainConfig
 from wenlan.losses.objective import ContrastivePretraining
 from wenlan.models.brivl import BriVL
 from wenlan.models.init import init_weights
+from wenlan.parallel.activation import apply_activation_checkpointing
 
 NO_DECAY_NAMES = ("bias", "norm", "log_scale", "embeddings")
 
@@ -92,6 +93,7 @@ def build_module(cfg: TrainConfig, weights: dict[str, torch.Tensor] | None = Non
         module = ContrastivePretraining(model, cfg.objective)
     if zero3 and low_precision(cfg.deepspeed_config):
         _float_buffers_in_fp32(model, cfg)
+    apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if weights is not None:
         copy_state(module, weights, "converted checkpoint")
         return module
