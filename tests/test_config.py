@@ -153,6 +153,16 @@ def test_shipped_gpu_configs_resolve_at_their_cluster_size(tiny_data, many_shard
     assert ds.get("data_types", {}).get("grad_accum_dtype") == (None if stages > 1 else "fp32")
 
 
+def test_default_streams_give_every_rank_its_workers(tiny_data, many_shards, tmp_path, monkeypatch):
+    """16 ranks asking for 4 workers each used to get lcm(16, 8) = 16 streams: one worker per rank."""
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    args = args_for(tiny_data, tmp_path, **{"--deepspeed_config": str(ROOT / "ds_configs" / "zero3_1b.json"),
+                                            "--preset": "1b", "--train-shards": str(many_shards / "train-{000000..000063}.tar"),
+                                            "--num-workers": "4"})
+    args.data_streams = None
+    assert resolve(args).data_streams == 64
+
+
 def test_pipeline_with_more_stages_than_layers_fails_before_launch(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "64")
     ds = {"ds": {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 1}, "pipeline": {"stages": 64}}}

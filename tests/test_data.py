@@ -156,6 +156,25 @@ def test_two_ranks_partition_one_epoch(tmp_path, tokenizer):
     assert all(owner[k.split("-")[0]] == r for r, keys in enumerate(per_rank) for k in keys)
 
 
+def test_default_streams_leave_room_for_the_workers_asked_for():
+    from wenlan.data.pipeline import default_streams
+
+    assert default_streams(2, workers=1, global_batch=128) == 8  # the demo's layout is unchanged
+    assert default_streams(64, workers=4, global_batch=4096) == 256  # pretrain_10b.sh: 4 workers per GPU, not 1
+    assert default_streams(16, workers=4, global_batch=2048) == 64  # pretrain_1b.sh
+    assert default_streams(2, workers=8, global_batch=16) == 16
+    assert default_streams(2, workers=8, global_batch=24) == 8  # 16 would not divide the batch: fewer workers
+
+
+def test_capped_workers_are_announced(tmp_path, tokenizer, caplog):
+    paths = write_shards(tmp_path, [4, 4])
+    cfg = DataConfig(shards=paths, image_size=16, num_workers=3, streams=2, shuffle_window=3)
+    with caplog.at_level("WARNING", logger="wenlan.data.pipeline"):
+        loader = make_train_loader(cfg, tokenizer, rank=0, world_size=1, global_batch=4, epochs=1)
+    assert loader.num_workers == 2
+    assert "3 data loader workers per rank asked for, 2 used" in caplog.text
+
+
 def _first_steps(paths, tokenizer, seed, num_workers, n=6):
     cfg = DataConfig(shards=paths, image_size=16, num_workers=num_workers, seed=seed, streams=2, shuffle_window=4)
     return [b for b, _ in zip(make_train_loader(cfg, tokenizer, 0, 1, global_batch=6), range(n))]

@@ -4,6 +4,8 @@ index). One set of launches checks several things each."""
 
 import io
 import json
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ import wenlan
 from data_tools.make_demo_data import write_demo_shards
 from data_tools.shard_io import read_samples
 from data_tools.verify_shards import verify
-from tests.helpers import ROOT, launch
+from tests.helpers import DEEPSPEED, ROOT, cpu_env, free_port, launch
 from wenlan.data import DataConfig, load_tokenizer, make_eval_loader, model_images
 from wenlan.export import export, load_model_from_checkpoint
 from wenlan.parallel.checkpoint import read_consolidated
@@ -208,3 +210,33 @@ def test_bf16_zero2_single_rank(data, tmp_path):
     w = state["model.image_tower.head.fc1.weight"]
     assert w.dtype == torch.float32 and torch.isfinite(w).all()
     assert json.loads((out / "eval.json").read_text())["n_pairs"] == 96
+
+
+def test_non_finite_loss_stops_the_run_before_saving(data, tmp_path):
+    """At an absurd learning rate the weights overflow after the first steps and the loss turns NaN:
+    every rank stops with DIVERGED_EXIT, nothing after the divergence is saved, the MLflow run is FAILED,
+    and the message names the newest checkpoint, saved before the divergence."""
+    import mlflow
+
+    from wenlan.train import DIVERGED_EXIT
+
+    ds = json.loads(Path(ds_config(tmp_path, 1, 32)).read_text())
+    ds["optimizer"]["params"]["lr"] = 1e35
+    ds["gradient_clipping"] = 0.0
+    path = tmp_path / "ds_diverge.json"
+    path.write_text(json.dumps(ds))
+    out = tmp_path / "diverge"
+    cmd = [DEEPSPEED, "--num_accelerators", "2", "--master_port", str(free_port()), str(ROOT / "wenlan" / "train.py"),
+           *train_args(data, out, str(path), 20, "--save-every", "1", "--log-every", "5", "--warmup-steps", "0")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == DIVERGED_EXIT, log[-3000:]
+    message = re.search(r"error: non-finite loss at step (\d+) .*The newest checkpoint \(step (\d+)\) was saved "
+                        r"before it", log)
+    assert message, log[-3000:]
+    stopped, healthy = int(message.group(1)), int(message.group(2))
+    assert healthy == stopped - 1  # saved every step up to the divergence, never after it
+    tags = sorted(p.name for p in (out / "checkpoints").glob("step*"))
+    assert tags[-1] == f"step{healthy:08d}" and not (out / "eval.json").exists()
+    client = mlflow.MlflowClient(f"sqlite:///{out.parent / 'mlflow.db'}")
+    assert client.get_run((out / "mlflow_run_id").read_text().strip()).info.status == "FAILED"

@@ -256,7 +256,8 @@ def resolve(args) -> TrainConfig:
                          "(no tokenizer_config.json); `make demo-data` writes data/demo/tokenizer")
     _check_shards("--train-shards", args.train_shards)
     _check_shards("--val-shards", args.val_shards)
-    streams = args.data_streams or _resumed_streams(args) or default_streams(data_parallel_size)
+    streams = args.data_streams or _resumed_streams(args) or \
+        default_streams(data_parallel_size, args.num_workers, batch.global_batch)
     try:
         urls = expand_shards(args.train_shards)
         counts = shard_counts(urls)  # the index beside the shards, if any: checked before any process starts

@@ -71,9 +71,9 @@ class Tracker:
         if self.enabled:
             self.mlflow.log_text(json.dumps(data, indent=2), name)
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
         if self.enabled:
-            self.mlflow.end_run()
+            self.mlflow.end_run(status=status)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -6,6 +6,7 @@ update) and wenlan/losses (queues, InfoNCE); everything DeepSpeed-specific in we
 
 import argparse
 import logging
+import math
 import sys
 import time
 import warnings
@@ -19,6 +20,8 @@ import torch
 from wenlan.config import TrainConfig, resolve
 
 log = logging.getLogger("wenlan.train")
+DIVERGED_EXIT = 3
+"""Exit status of a run stopped by a non-finite loss; not the pre-emption status, so Slurm does not requeue it."""
 
 
 def parse_args(argv=None):
@@ -45,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--queue-mode", choices=["replicated", "sharded"], default=None,
                    help="replicated: the whole queue on every rank (MoCo); sharded: K/N slots per rank")
     p.add_argument("--data-streams", type=int, default=None,
-                   help="logical data streams, fixed for a run (default lcm(world size, 8)); the same samples "
+                   help="logical data streams, fixed for a run (default: a multiple of lcm(world size, 8) with a "
+                        "stream per worker of every rank); the same samples "
                         "in the same order at any world size dividing it")
     p.add_argument("--warmup-steps", type=int, default=None, help="LR warm-up steps (default: 10%% of --max-steps)")
     p.add_argument("--log-every", type=int, default=20)
@@ -74,13 +78,24 @@ class StepLog:
     def _reset(self) -> None:
         self.start, self.data_wait, self.samples, self.skipped = time.perf_counter(), 0.0, 0, 0
 
+    def losses_finite(self) -> bool:
+        """Whether every loss since the last log line was finite, agreed by every rank (a one-element
+        all-reduce, no gradient; the totals stay for the log line)."""
+        import torch.distributed as dist
+
+        totals = self.strategy.peek_totals()
+        bad = (~torch.isfinite(totals[:1])).float()
+        dist.all_reduce(bad)
+        return bad.item() == 0
+
     def count(self, batch: dict | None, data_wait: float) -> None:
         self.data_wait += data_wait
         self.samples += self.cfg.batch.global_batch
         if self.strategy.stage == 0 and batch is not None:  # the last stage reads the same samples: once
             self.skipped += sum(batch["skipped"].values())
 
-    def log(self, step: int) -> None:
+    def log(self, step: int) -> bool:
+        """The step line and metrics; False if a loss since the last log line was not finite."""
         import torch.distributed as dist
 
         engine = self.strategy.engine
@@ -106,6 +121,7 @@ class StepLog:
                   + (f"  skipped {logged['skipped_samples']}" if logged["skipped_samples"] else ""), flush=True)
             self.tracker.log_metrics(logged, step=step)
         self._reset()
+        return math.isfinite(loss)
 
 
 def train_batches(cfg: TrainConfig, tokenizer, strategy, position: dict | None):
@@ -194,6 +210,23 @@ def run(cfg: TrainConfig) -> dict:
         return metrics
 
     steps = StepLog(cfg, strategy, tracker)
+
+    def stop_if_diverged(healthy: bool) -> None:
+        """A non-finite loss (NaN sums stay NaN, so no step of the window escapes) stops the run on every
+        rank before anything is saved: no checkpoint holds weights that already gave one."""
+        if healthy:
+            return
+        if rank == 0:
+            newest = f"step {checkpointer.last_saved_step}" if checkpointer.last_saved_step else "none"
+            print(f"error: non-finite loss at step {progress.step} or in a step since the last log line; stopping "
+                  f"without saving. The newest checkpoint ({newest}) was saved before it: resume from it, or from an "
+                  "earlier one (--resume PATH) if the weights were already diverging, with a lower learning rate "
+                  "or other data.", flush=True)
+            tracker.close(status="FAILED")
+        preemption.finish()
+        dist.barrier()  # no gradient; every rank has stopped training
+        sys.exit(DIVERGED_EXIT)
+
     strategy.engine.train()
     while progress.step < cfg.max_steps:
         t0 = time.perf_counter()
@@ -204,16 +237,18 @@ def run(cfg: TrainConfig) -> dict:
         strategy.after_step(cfg.objective.momentum_at(progress.step, cfg.max_steps))
         steps.count(batch, data_wait)
         if progress.step % cfg.log_every == 0 or progress.step == cfg.max_steps:
-            steps.log(progress.step)
+            stop_if_diverged(steps.log(progress.step))
         if cfg.eval_every and progress.step % cfg.eval_every == 0 and progress.step < cfg.max_steps:
             evaluate()
         if cfg.save_every and progress.step % cfg.save_every == 0 and progress.step < cfg.max_steps:
+            stop_if_diverged(steps.losses_finite())
             checkpointer.save(strategy, progress)
         if progress.step < cfg.max_steps and preemption.should_stop():  # all ranks stop after the same step
             break
-    preemption.finish()
     if checkpointer.last_saved_step != progress.step:
+        stop_if_diverged(steps.losses_finite())
         checkpointer.save(strategy, progress)
+    preemption.finish()
     if progress.step < cfg.max_steps:  # pre-empted: saved; the batch script requeues the job
         tracker.close()
         preemption.exit(progress.step)

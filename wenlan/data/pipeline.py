@@ -68,7 +68,8 @@ class DataConfig:
         local directory stands for the tar files in it.
     batch_size: the eval loader's batch. A train step's batch is global_batch / world_size, given to
         make_train_loader.
-    num_workers: DataLoader workers per rank; the train loader uses at most streams / world_size.
+    num_workers: DataLoader workers per rank; the train loader uses at most streams / world_size (and
+        warns when that caps the request; the default stream count leaves room for them).
     streams: C, the number of logical data streams (see the module docstring). A property of the run:
         keep it when resuming, at any world size. None: taken from the resume position, else
         default_streams(world_size).
@@ -129,9 +130,16 @@ class DataConfig:
         return expand_shards(self.shards)
 
 
-def default_streams(world_size: int) -> int:
-    """lcm(world_size, 8): world sizes 1, 2, 4 and 8 share C = 8, so a run can move between them."""
-    return math.lcm(world_size, 8)
+def default_streams(world_size: int, workers: int = 1, global_batch: int | None = None) -> int:
+    """A multiple of lcm(world_size, 8), so that world sizes 1, 2, 4 and 8 (and the divisors of larger
+    ones) share it and a run can move between them, with enough streams for every rank's ``workers``
+    (a worker serves whole streams): the smallest such multiple >= world_size x workers, or the largest
+    one below it that divides ``global_batch`` (each step takes global_batch / C samples per stream)."""
+    base = math.lcm(world_size, 8)
+    k = max(1, -(-world_size * max(workers, 1) // base))
+    while k > 1 and global_batch is not None and global_batch % (base * k):
+        k -= 1
+    return base * k
 
 
 def check_train_layout(n_shards: int, streams: int, world_size: int, global_batch: int,
@@ -552,6 +560,10 @@ def make_train_loader(cfg: DataConfig, tokenizer, rank: int, world_size: int, *,
         _log_plan(plan, global_batch)
     start = _start_positions(position, n_streams)
     per_rank = n_streams // world_size
+    if rank == 0 and cfg.num_workers > per_rank:
+        log.warning("%d data loader workers per rank asked for, %d used: a worker serves whole streams and each "
+                    "rank reads %d of the run's %d (set with --data-streams when the run starts)",
+                    cfg.num_workers, per_rank, per_rank, n_streams)
     streams = list(range(rank * per_rank, (rank + 1) * per_rank))
     if cfg.augment:
         transform = train_transform(cfg.image_size, color_augment=cfg.color_augment)

@@ -185,10 +185,14 @@ class ContrastivePretraining(nn.Module):
         self._totals = sums if self._totals is None else self._totals + sums
         return loss
 
+    def peek_totals(self) -> torch.Tensor:
+        """(4,) sums since the last ``take_totals`` of loss, accuracy, temperature and the micro-batch
+        count, on the device (zeros if nothing ran)."""
+        return self._totals if self._totals is not None else torch.zeros(4, device=self.log_scale.device)
+
     def take_totals(self) -> torch.Tensor:
-        """(4,) sums since the last call of loss, accuracy, temperature and the micro-batch count, on
-        the device (zeros if nothing ran); resets them."""
-        totals = self._totals if self._totals is not None else torch.zeros(4, device=self.log_scale.device)
+        """``peek_totals``, then reset them."""
+        totals = self.peek_totals()
         self._totals = None
         return totals
 

@@ -153,6 +153,10 @@ class Strategy:
         stages without the loss)."""
         return self.objective.take_totals() if self.objective is not None else torch.zeros(4, device=self.device)
 
+    def peek_totals(self) -> torch.Tensor:
+        """``take_totals`` without resetting them."""
+        return self.objective.peek_totals() if self.objective is not None else torch.zeros(4, device=self.device)
+
     # -- the temperature's fp32 value in bf16 runs -------------------------------------------------
     def _low_precision_temperature(self) -> bool:
         return self.objective is not None and self.objective.log_scale.dtype != torch.float32
