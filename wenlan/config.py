@@ -180,8 +180,9 @@ def _check_mlflow_uri(uri: str | None) -> None:
                          ".db, an http(s):// tracking server, or set MLFLOW_ALLOW_FILE_STORE=true")
 
 
-def _check_init_from(path: str, model: ModelConfig, objective: ObjectiveConfig, temperature_given: bool) -> None:
-    """The --init-from file exists, fits the preset's towers exactly, and lends its temperature."""
+def _check_init_from(path: str, model, objective: ObjectiveConfig, temperature_given: bool) -> None:
+    """The --init-from file exists, fits ``model``'s towers (a BriVL on the meta device) exactly, and
+    lends its temperature."""
     from wenlan.export import TowerFile
 
     if not Path(path).is_file():
@@ -205,16 +206,17 @@ def resolve(args) -> TrainConfig:
             setattr(objective, key, value)
     freeze = tuple(getattr(args, "freeze", None) or ())
     if freeze:
+        model = dataclasses.replace(model, freeze=model.freeze + freeze)
+    init_from = getattr(args, "init_from", None)
+    if freeze or init_from:
         from transformers.initialization import no_init_weights
 
         from wenlan.models.brivl import BriVL
 
-        model = dataclasses.replace(model, freeze=model.freeze + freeze)
         with torch.device("meta"), no_init_weights():
-            BriVL(model, momentum=False)  # a pattern that matches nothing fails here, before any process starts
-    init_from = getattr(args, "init_from", None)
-    if init_from:
-        _check_init_from(init_from, model, objective, temperature_given=args.temperature is not None)
+            towers = BriVL(model, momentum=False)  # a --freeze pattern that matches nothing fails here
+        if init_from:
+            _check_init_from(init_from, towers, objective, temperature_given=args.temperature is not None)
     objective.validate()
     _check_mlflow_uri(args.mlflow_uri)
     if args.max_steps < 1:

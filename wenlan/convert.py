@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -62,7 +63,7 @@ def released_to_wenlan(released: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     """The released ``learnable`` state dict under our exported names. Raises on anything unplaced."""
     out, unplaced = {}, []
     for name, tensor in released.items():
-        tower = next((t for t in sorted(TOWERS, key=len, reverse=True) if name.startswith(t)), None)
+        tower = next((t for t in TOWERS if name.startswith(t)), None)  # each prefix ends at its dot: one fits
         inner = name[len(tower):] if tower else name
         if tower and DROPPED.match(inner):
             continue
@@ -90,7 +91,7 @@ def wenlan_to_released(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     inverse_attention = {v: k for k, v in ATTENTION.items()}
     out = {}
     for name, tensor in tensors.items():
-        tower = next((t for t in sorted(inverse_towers, key=len, reverse=True) if name.startswith(t)), None)
+        tower = next((t for t in inverse_towers if name.startswith(t)), None)
         if tower is None:
             continue  # log_scale
         inner, image = name[len(tower):], tower.endswith("image_tower.")
@@ -168,8 +169,6 @@ def convert_brivl(checkpoint: Path, tokenizer: str, out: Path, allow_pickle: boo
     tensors["log_scale"] = torch.full((1,), math.log(1.0 / RELEASED_TEMPERATURE))
     check_against_preset(tensors)
     tensors = {k: v.float().contiguous() for k, v in tensors.items()}
-    from dataclasses import asdict
-
     metadata = {"wenlan_model": json.dumps(asdict(get_preset("brivl-1.0"))),
                 "wenlan_tokenizer": json.dumps(tokenizer_files(tokenizer)),
                 "wenlan_step": "0", "wenlan_source": f"BriVL-1.0 checkpoint {checkpoint.name}"}

@@ -86,31 +86,32 @@ class TowerFile(Mapping):
             self.metadata = f.metadata() or {}
             names = list(f.keys())
             self.log_scale = f.get_tensor("log_scale").float().item() if "log_scale" in names else None
-        self._names = {n: n for n in names if n.startswith(("image_tower.", "text_tower."))}
+            self.shapes = {n: tuple(f.get_slice(n).get_shape()) for n in names
+                           if n.startswith(("image_tower.", "text_tower."))}
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.shapes:
+            raise KeyError(name)
         with safe_open(self.path, framework="pt") as f:
-            return f.get_tensor(self._names[name])
+            return f.get_tensor(name)
+
+    def __contains__(self, name) -> bool:  # Mapping's default would read the tensor to find out
+        return name in self.shapes
 
     def __iter__(self):
-        return iter(self._names)
+        return iter(self.shapes)
 
     def __len__(self) -> int:
-        return len(self._names)
+        return len(self.shapes)
 
-    def check_fits(self, model_cfg: ModelConfig) -> None:
-        """Every online tensor of ``model_cfg``'s BriVL is in the file with its shape, and nothing else
-        (checked on the meta device, before any process group starts)."""
-        from transformers.initialization import no_init_weights
-
-        with torch.device("meta"), no_init_weights():
-            expected = {k: v.shape for k, v in BriVL(model_cfg, momentum=False).state_dict().items()}
-        with safe_open(self.path, framework="pt") as f:
-            shapes = {n: tuple(f.get_slice(n).get_shape()) for n in self._names}
-        missing = sorted(set(expected) - set(shapes))
-        extra = sorted(set(shapes) - set(expected))
-        wrong = [f"{n} {shapes[n]} vs {tuple(expected[n])}" for n in expected if n in shapes and
-                 shapes[n] != tuple(expected[n])]
+    def check_fits(self, model: torch.nn.Module) -> None:
+        """Every online tensor of ``model`` (a BriVL without momentum towers, on the meta device) is in
+        the file with its shape, and nothing else."""
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        missing = sorted(set(expected) - set(self.shapes))
+        extra = sorted(set(self.shapes) - set(expected))
+        wrong = [f"{n} {self.shapes[n]} vs {expected[n]}" for n in expected if n in self.shapes and
+                 self.shapes[n] != expected[n]]
         if missing or extra or wrong:
             preset = json.loads(self.metadata.get("wenlan_model", "null"))
             raise ValueError(f"--init-from {self.path}: does not fit the preset's towers ({len(missing)} tensors "

@@ -245,10 +245,10 @@ def run(cfg: TrainConfig) -> dict:
             checkpointer.save(strategy, progress)
         if progress.step < cfg.max_steps and preemption.should_stop():  # all ranks stop after the same step
             break
+    preemption.finish()
     if checkpointer.last_saved_step != progress.step:
         stop_if_diverged(steps.losses_finite())
         checkpointer.save(strategy, progress)
-    preemption.finish()
     if progress.step < cfg.max_steps:  # pre-empted: saved; the batch script requeues the job
         tracker.close()
         preemption.exit(progress.step)

@@ -270,6 +270,12 @@ def _bf16_optimizer_masters(tag_dir: Path, config: dict, module: dict) -> dict[s
     return _split_masters([torch.cat(group) for group in zip(*parts)], config, module)
 
 
+def read_portable(tag_dir: Path) -> dict:
+    """The tag's ``PORTABLE`` file (wenlan.parallel.reshard): tensors, numbers, strings and containers
+    only, so it is read without unpickling anything else."""
+    return torch.load(Path(tag_dir) / PORTABLE, map_location="cpu", weights_only=True)
+
+
 def read_consolidated(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Whole fp32 tensors of every parameter and buffer of the trained module (momentum weights from
     their fp32 masters, queues under ``queues.``), plus the run state, from a checkpoint of any ZeRO
@@ -279,7 +285,7 @@ def read_consolidated(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
     tag_dir = tag_dir_of(checkpoint)
     info = read_complete(tag_dir)
     if info.get("format") == "portable":
-        portable = torch.load(tag_dir / PORTABLE, map_location="cpu", weights_only=False)
+        portable = read_portable(tag_dir)
         state = dict(portable["weights"])
         if portable["queues"] is not None:
             state.update(queue_entries(portable["queues"]))
@@ -450,8 +456,7 @@ class Checkpointer:
         cfg.data_streams = streams  # resolved per rank before the process group existed: rank 0's counts
         self.portable = None
         if portable:  # converted by wenlan.parallel.reshard: whole tensors, any world size
-            self.portable = torch.load(Path(self.where[0]) / self.where[1] / PORTABLE, map_location="cpu",
-                                       weights_only=False)
+            self.portable = read_portable(Path(self.where[0]) / self.where[1])
         self.last_saved_step = None
 
     @property
