@@ -2,6 +2,7 @@
 model computing what BriVL's own code computes with the same weights."""
 
 import argparse
+import shutil
 import subprocess
 import sys
 
@@ -43,7 +44,10 @@ def converted(released, tmp_path_factory):
                           cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "brivl-1.0 preset" in proc.stdout
-    return out
+    (tmp / "BriVL-1.0-test.pth").unlink()
+    yield out
+    # 2 GB at full size: gone before the modules that follow write their own checkpoints.
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_every_released_tensor_lands_where_it_should(released, converted):
