@@ -63,7 +63,10 @@ def test_presets_cli_json_counts_on_meta_device():
     counts = json.loads(out.stdout)
     assert set(counts) == {"tiny", "tiny-vit", "base", "1b", "10b", "brivl-1.0"}
     assert 0.9e10 <= counts["10b"]["online_trainable"] <= 1.1e10
-    assert set(counts["10b"]) == {"online_trainable", "frozen", "momentum", "total"}
+    assert set(counts["10b"]) == {"online_trainable", "frozen", "momentum", "total", "train_flops_per_sample"}
+    # ~6 FLOPs per trainable parameter and token, plus the momentum forward's 2; a parameter sees 80
+    # (text) to 197 (ViT patches + class token) tokens.
+    assert 8 * 1.0e10 * 80 < counts["10b"]["train_flops_per_sample"] < 8 * 1.1e10 * 197
 
 
 def test_brivl_1_0_shape():

@@ -60,6 +60,15 @@ class ObjectiveConfig:
         progress = min(step / (max_steps - 1), 1.0)
         return self.momentum - (self.momentum - self.momentum_start) * (math.cos(math.pi * progress) + 1) / 2
 
+    def logits_flops_per_sample(self, embed_dim: int, micro_batch: int, data_parallel_size: int) -> int:
+        """Matmul FLOPs of the logits per sample (forward and backward, both directions), once the queue
+        is in use. ``brivl``: each query against the micro-batch's keys and the queue (keys and queue
+        take no gradient): 2 directions x (forward + query gradient) x 2 E (B + K). ``clip``: each
+        embedding against the gathered global batch G, gradients to both sides: 2 x 3 x 2 E G."""
+        if self.name == "clip":
+            return 12 * embed_dim * micro_batch * data_parallel_size
+        return 8 * embed_dim * (micro_batch + self.queue_size)
+
     def validate(self) -> None:
         if self.name not in ("brivl", "clip"):
             raise ValueError(f"--objective: unknown objective {self.name!r}; use brivl or clip")

@@ -1,4 +1,5 @@
-"""Model presets, and ``python -m wenlan.models.presets [--json]`` to count their parameters.
+"""Model presets, and ``python -m wenlan.models.presets [--json]`` to count their parameters and the
+FLOPs of one training sample.
 
 Counts are taken on the meta device, so the 10B preset is counted without allocating it.
 """
@@ -90,18 +91,34 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
                 total=trainable + frozen + momentum)
 
 
+PRESET_FLOPS_MICRO_BATCH = 64
+"""The micro-batch at which the presets table counts the objective's in-batch logits."""
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Parameter counts of every preset (meta device).")
+    from wenlan.losses.objective import ObjectiveConfig
+    from wenlan.models.flops import train_flops_per_sample
+
+    parser = argparse.ArgumentParser(
+        description="Parameter counts of every preset and the FLOPs of one training sample (meta device): "
+                    "online forward + backward, momentum forward, and the default objective's logits (brivl, "
+                    f"queue {ObjectiveConfig().queue_size}, micro-batch {PRESET_FLOPS_MICRO_BATCH}), at the "
+                    "preset's image size and text length.")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
-    counts = {name: count_parameters(cfg) for name, cfg in PRESETS.items()}
+    counts = {}
+    for name, cfg in PRESETS.items():
+        counts[name] = count_parameters(cfg)
+        counts[name]["train_flops_per_sample"] = train_flops_per_sample(cfg, ObjectiveConfig(),
+                                                                        PRESET_FLOPS_MICRO_BATCH, 1)
     if args.json:
         print(json.dumps(counts, indent=2))
         return
     cols = ["online_trainable", "frozen", "momentum", "total"]
-    print(f"{'preset':<10}" + "".join(f"{c:>18}" for c in cols))
+    print(f"{'preset':<10}" + "".join(f"{c:>18}" for c in cols) + f"{'train GFLOP/sample':>20}")
     for name, c in counts.items():
-        print(f"{name:<10}" + "".join(f"{c[k]:>18,}" for k in cols))
+        print(f"{name:<10}" + "".join(f"{c[k]:>18,}" for k in cols)
+              + f"{c['train_flops_per_sample'] / 1e9:>20,.1f}")
 
 
 if __name__ == "__main__":
