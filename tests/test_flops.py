@@ -72,3 +72,14 @@ def test_frozen_layers_cost_no_weight_gradient():
     assert counted.online_backward < 1.5 * counted.online_forward
     cfg.freeze = ("image_tower.*", "text_tower.*")  # nothing trains: no backward at all
     assert tower_flops(cfg).online_backward == 0
+
+
+def test_peak_table_reads_device_names():
+    from wenlan.models.flops import peak_tflops
+
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0  # not the SXM part's peak
+    assert peak_tflops("NVIDIA H200") == 989.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("NVIDIA A10G") == 70.0
+    assert peak_tflops("cpu") is None

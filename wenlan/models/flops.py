@@ -91,3 +91,21 @@ def train_flops_per_sample(cfg: "ModelConfig", objective: "ObjectiveConfig", mic
     and the objective's logits at this batch layout (in-batch candidates depend on it)."""
     towers = tower_flops(cfg, momentum=objective.name == "brivl")
     return towers.total + objective.logits_flops_per_sample(cfg.embed_dim, micro_batch, data_parallel_size)
+
+
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    # (a substring of torch.cuda.get_device_name(), dense bf16 tensor-core TFLOP/s), most specific first.
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0),
+    ("H20", 148.0), ("GH200", 989.0), ("B200", 2250.0), ("B100", 1750.0),
+    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
+    ("MI300X", 1307.0), ("MI250X", 383.0),
+)
+"""Vendor peak dense bf16 TFLOP/s per device, for MFU. No entry for a device: MFU is not reported."""
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of a device by its name (e.g. "NVIDIA H100 80GB HBM3": 989), None if unknown."""
+    for key, peak in PEAK_BF16_TFLOPS:
+        if key in device_name:
+            return peak
+    return None
