@@ -19,6 +19,9 @@ from data_tools.verify_shards import verify
 from tests.helpers import DEEPSPEED, ROOT, cpu_env, free_port, launch
 from wenlan.data import DataConfig, load_tokenizer, make_eval_loader, model_images
 from wenlan.export import export, load_model_from_checkpoint
+from wenlan.config import objective_config_from_dict
+from wenlan.models.brivl import model_config_from_dict
+from wenlan.models.flops import train_flops_per_sample
 from wenlan.parallel.checkpoint import read_consolidated
 
 QUEUE = 512  # 4 steps of global batch 128 fill it exactly; step 5 overwrites slots 0..127
@@ -80,7 +83,7 @@ def train_args(data: Path, out: Path, ds: str, steps: int, *extra: str) -> list[
 def two_rank_run(data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     out = tmp / "out"
-    first = launch(2, train_args(data, out, ds_config(tmp, 1, 64), 4, "--save-every", "2"))
+    first = launch(2, train_args(data, out, ds_config(tmp, 1, 64), 4, "--save-every", "2", "--eval-every", "2"))
     step4 = read_consolidated(out / "checkpoints" / "step00000004")
     export(out / "checkpoints", tmp / "step4.safetensors", full=True)
     eval_after_4 = json.loads((out / "eval.json").read_text())
@@ -92,6 +95,10 @@ def test_two_rank_training_writes_contract_outputs(two_rank_run):
     out = two_rank_run["out"]
     log = two_rank_run["first"].stdout
     assert "step      4/4" in log and "image->text" in log
+    line = next(x for x in log.splitlines() if x.startswith("step      3/4"))
+    assert re.search(r"samples/s  [0-9.e+-]+ TFLOP/s/device  time: data \d+% fwd\+bwd \d+% opt \d+% ema \d+% "
+                     r"enqueue \d+% eval \d+%", line), line
+    assert "MFU" not in log  # no peak FLOP/s for a CPU
     assert json.loads((out / "config.json").read_text())["batch"] == {"micro_batch": 64, "grad_accum": 1,
                                                                        "data_parallel_size": 2, "pipeline_stages": 1}
     for tag in ("step00000002", "step00000004", "step00000005"):
@@ -166,8 +173,24 @@ def test_mlflow_run_has_params_metrics_and_artifacts(two_rank_run):
     client = mlflow.MlflowClient(f"sqlite:///{out.parent / 'mlflow.db'}")
     run = client.get_run((out / "mlflow_run_id").read_text().strip())
     assert run.data.params["preset"] == "tiny"
-    for key in ("loss", "lr", "samples_per_s", "data_wait", "skipped_samples", "eval/r1_i2t", "restarts"):
+    for key in ("loss", "lr", "samples_per_s", "data_wait", "skipped_samples", "eval/r1_i2t", "restarts",
+                "tflops_per_device", "time/forward_backward", "time/optimizer", "time/ema", "time/enqueue"):
         assert key in run.data.metrics, key
+    assert "mfu" not in run.data.metrics and "peak_memory_gb" not in run.data.metrics  # CPU: no peak, no device
+    # TFLOP/s per device is the run's FLOPs per sample at its samples/s over its 2 ranks.
+    saved = json.loads((out / "config.json").read_text())
+    flops = train_flops_per_sample(model_config_from_dict(saved["model"]),
+                                   objective_config_from_dict(saved["objective"]), 64, 2)
+    window = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)}
+              for k in ("tflops_per_device", "samples_per_s", "time/eval", "time/forward_backward", "data_wait",
+                        "time/optimizer", "time/ema", "time/enqueue")}
+    for step in (1, 2, 3, 4, 5):
+        assert window["tflops_per_device"][step] == pytest.approx(flops * window["samples_per_s"][step] / 2 / 1e12,
+                                                                  rel=1e-9)
+        shares = [window[k][step] for k in window if k.startswith("time/") or k == "data_wait"]
+        assert window["time/forward_backward"][step] > 0 and sum(shares) <= 1.0
+    # the evaluation after step 2 falls in step 3's window, and only there
+    assert window["time/eval"][3] > 0 and window["time/eval"][2] == window["time/eval"][4] == 0
     assert run.data.metrics["restarts"] == 1  # the resumed launch continued the same MLflow run
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -68,11 +68,13 @@ def parse_args(argv=None):
 
 class StepLog:
     """The step line and its MLflow metrics. Host-side counters per log window (time, data wait,
-    samples, skipped); the loss totals stay on the device until a log step, where one all-reduce over
-    every rank (no gradient) gives the data-parallel means."""
+    samples, skipped) and the strategy's phase times (``wenlan.throughput``); the loss totals stay on
+    the device until a log step, where one all-reduce over every rank (no gradient) gives the
+    data-parallel means."""
 
-    def __init__(self, cfg, strategy, tracker):
+    def __init__(self, cfg, strategy, tracker, flops_per_sample: float, peak_tflops: float | None):
         self.cfg, self.strategy, self.tracker = cfg, strategy, tracker
+        self.flops_per_sample, self.peak_tflops = flops_per_sample, peak_tflops
         self._reset()
 
     def _reset(self) -> None:
@@ -98,16 +100,29 @@ class StepLog:
         """The step line and metrics; False if a loss since the last log line was not finite."""
         import torch.distributed as dist
 
+        from wenlan.throughput import SHORT, peak_memory_bytes, throughput
+
         engine = self.strategy.engine
+        phases = self.strategy.timer.take()  # this rank's; synchronises the device once on GPUs
+        peak_memory = peak_memory_bytes(engine.device)
         totals = torch.cat([self.strategy.take_totals().double(),
                             torch.tensor([self.skipped], dtype=torch.float64, device=engine.device)])
         dist.all_reduce(totals)  # loss, acc, temperature sums, micro-batches (last stage), skipped; no gradient
         loss, acc, temperature, n, skipped = totals.tolist()
+        if peak_memory is not None:  # the fullest device is the one that matters; no gradient
+            peak = torch.tensor([peak_memory], dtype=torch.float64, device=engine.device)
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+            peak_memory = peak.item()
         self.strategy.check_queues(step)
         elapsed = time.perf_counter() - self.start
         logged = dict(loss=loss / n, acc_i2t=acc / n, lr=engine.get_lr()[0], temperature=temperature / n,
                       samples_per_s=self.samples / elapsed, data_wait=self.data_wait / elapsed,
-                      skipped_samples=int(skipped))
+                      skipped_samples=int(skipped),
+                      **throughput(self.flops_per_sample, self.samples, elapsed, dist.get_world_size(),
+                                   self.peak_tflops),
+                      **{f"time/{name}": seconds / elapsed for name, seconds in phases.items()})
+        if peak_memory is not None:
+            logged["peak_memory_gb"] = peak_memory / 2**30
         grad_norm = self.strategy.grad_norm()  # before clipping
         if grad_norm is not None:
             logged["grad_norm"] = float(grad_norm)
@@ -115,9 +130,15 @@ class StepLog:
             grad = f"grad-norm {logged['grad_norm']:.3g}  " if "grad_norm" in logged else ""
             rate = logged["samples_per_s"]
             rate = f"{rate:.0f}" if rate >= 10 else f"{rate:.2g}"  # a 10B step on few GPUs takes seconds
+            speed = f"{logged['tflops_per_device']:.3g} TFLOP/s/device" \
+                + (f"  MFU {100 * logged['mfu']:.1f}%" if "mfu" in logged else "")
+            shares = [("data_wait", logged["data_wait"])] + [(name, logged[f"time/{name}"]) for name in phases
+                                                             if phases[name] or name == "forward_backward"]
+            time_line = " ".join(f"{SHORT[name]} {100 * share:.0f}%" for name, share in shares)
+            memory = f"  peak-mem {logged['peak_memory_gb']:.1f} GiB" if "peak_memory_gb" in logged else ""
             print(f"step {step:>6}/{self.cfg.max_steps}  loss {logged['loss']:.4f}  acc {logged['acc_i2t']:.3f}  "
                   f"lr {logged['lr']:.2e}  {grad}T {logged['temperature']:.4f}  "
-                  f"{rate} samples/s  data-wait {100 * logged['data_wait']:.0f}%"
+                  f"{rate} samples/s  {speed}  time: {time_line}{memory}"
                   + (f"  skipped {logged['skipped_samples']}" if logged["skipped_samples"] else ""), flush=True)
             self.tracker.log_metrics(logged, step=step)
         self._reset()
@@ -131,7 +152,8 @@ def train_batches(cfg: TrainConfig, tokenizer, strategy, position: dict | None):
 
     data = DataConfig(shards=cfg.train_shards, image_size=cfg.model.image.image_size,
                       max_text_len=cfg.model.text.max_len, num_workers=cfg.num_workers, seed=cfg.seed,
-                      color_augment=cfg.color_augment, streams=cfg.data_streams)
+                      color_augment=cfg.color_augment, streams=cfg.data_streams,
+                      pin_memory=strategy.device.type == "cuda")
     return iter(make_train_loader(data, tokenizer, rank=strategy.data_parallel_rank,
                                   world_size=cfg.batch.data_parallel_size, global_batch=cfg.batch.global_batch,
                                   position=position))
@@ -168,6 +190,21 @@ def describe_weights(cfg: TrainConfig, resumed: bool) -> str:
             f"frozen: {frozen_summary(model)}")
 
 
+def training_flops(cfg: TrainConfig, device, log_it: bool) -> tuple[float, float | None]:
+    """FLOPs of one training sample of this run (its objective at its batch layout) and the device's
+    peak bf16 TFLOP/s (None: unknown, MFU is not reported)."""
+    from wenlan.models.flops import peak_tflops, train_flops_per_sample
+    from wenlan.throughput import device_name
+
+    flops = train_flops_per_sample(cfg.model, cfg.objective, cfg.batch.micro_batch, cfg.batch.data_parallel_size)
+    name = device_name(device)
+    peak = peak_tflops(name)
+    if log_it:
+        log.info("%.4g GFLOP per training sample; %s: %s", flops / 1e9, name,
+                 f"peak {peak:g} bf16 TFLOP/s for MFU" if peak else "no peak known, MFU not reported")
+    return flops, peak
+
+
 def run(cfg: TrainConfig) -> dict:
     import torch.distributed as dist
 
@@ -201,7 +238,8 @@ def run(cfg: TrainConfig) -> dict:
         log.info(describe_weights(cfg, resumed=progress.step > 0))
 
     def evaluate() -> dict:
-        metrics = strategy.evaluate(tokenizer)
+        with strategy.timer.phase("eval"):
+            metrics = strategy.evaluate(tokenizer)
         if rank == 0:
             ckpt.write_json(out / "eval.json", metrics)
             print(f"[eval step {progress.step}]\n{format_table(metrics)}", flush=True)
@@ -209,7 +247,7 @@ def run(cfg: TrainConfig) -> dict:
             tracker.log_artifact(out / "eval.json")
         return metrics
 
-    steps = StepLog(cfg, strategy, tracker)
+    steps = StepLog(cfg, strategy, tracker, *training_flops(cfg, strategy.device, rank == 0))
 
     def stop_if_diverged(healthy: bool) -> None:
         """A non-finite loss (NaN sums stay NaN, so no step of the window escapes) stops the run on every

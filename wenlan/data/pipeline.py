@@ -86,6 +86,8 @@ class DataConfig:
         a path (or URL): that index; None: none. With an index the train loader knows the samples
         per epoch and splits shards across streams by sample count (see the module docstring); an
         index must be written before a run starts and kept for it, since it decides the order.
+    pin_memory: train batches in page-locked host memory (training on a GPU), so that their copies to
+        the device run asynchronously, overlapping the previous step's work.
     """
 
     shards: list[str]
@@ -100,6 +102,7 @@ class DataConfig:
     color_augment: bool = True
     max_image_pixels: int = PIL_MAX_IMAGE_PIXELS
     index: str | None = "auto"
+    pin_memory: bool = False
 
     def __post_init__(self):
         if isinstance(self.shards, str):
@@ -430,11 +433,20 @@ def _as_is(item):
     return item
 
 
-def _loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
+def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool = False) -> DataLoader:
     # Its own generator: starting the DataLoader would otherwise draw a worker seed from the caller's
     # global RNG (the workers need none: augmentation is seeded per sample).
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_as_is,
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_as_is, pin_memory=pin_memory,
                       prefetch_factor=2 if num_workers else None, generator=torch.Generator().manual_seed(0))
+
+
+def _cat(tensors: list[torch.Tensor], pin_memory: bool) -> torch.Tensor:
+    """torch.cat, into page-locked memory if asked (from the caching host allocator: no allocation per step)."""
+    if not pin_memory:
+        return torch.cat(tensors)
+    first = tensors[0]
+    out = torch.empty((sum(t.shape[0] for t in tensors), *first.shape[1:]), dtype=first.dtype, pin_memory=True)
+    return torch.cat(tensors, out=out)
 
 
 class _RankStreams(IterableDataset):
@@ -479,7 +491,8 @@ class TrainLoader:
         self.steps_per_epoch = self.samples_per_epoch / global_batch if counts is not None else None
 
     def __iter__(self) -> Iterator[dict]:
-        loader = _loader(self.dataset, self.num_workers)
+        pin = self.dataset.cfg.pin_memory
+        loader = _loader(self.dataset, self.num_workers, pin)  # pins what the workers send
         items = iter(loader)
         streams = self.dataset.streams
         position = {c: list(self.dataset.start[c]) for c in streams}
@@ -499,8 +512,8 @@ class TrainLoader:
                     for b in g["blocks"].values():
                         rows, at = slice(at, at + len(b["keys"])), at + len(b["keys"])
                         b["images"], b["colour_maps"] = g["images"][rows], g["colour_maps"][rows]
-                images = torch.cat([b["images"] for b in parts])
-                maps = torch.cat([b["colour_maps"] for b in parts])
+                images = _cat([b["images"] for b in parts], pin)
+                maps = _cat([b["colour_maps"] for b in parts], pin)
             skipped = Counter()
             for c, b in blocks.items():
                 skipped.update(b["skipped"])
@@ -508,8 +521,8 @@ class TrainLoader:
             yield {
                 "images": images,  # (G/W, 3, S, S) uint8
                 "colour_maps": maps,  # (G/W, 3, 7)
-                "input_ids": torch.cat([b["input_ids"] for b in parts]),  # (G/W, L)
-                "attention_mask": torch.cat([b["attention_mask"] for b in parts]),  # (G/W, L)
+                "input_ids": _cat([b["input_ids"] for b in parts], pin),  # (G/W, L)
+                "attention_mask": _cat([b["attention_mask"] for b in parts], pin),  # (G/W, L)
                 "keys": [k for b in parts for k in b["keys"]],
                 "skipped": dict(skipped),
                 "position": {c: list(p) for c, p in position.items()},

@@ -23,6 +23,7 @@ from wenlan.losses.objective import caption_ids
 from wenlan.losses.queue import all_gather_single
 from wenlan.parallel import checkpoint as ckpt
 from wenlan.parallel.momentum import MomentumEMA
+from wenlan.throughput import PhaseTimer
 
 
 def micro_batches(batch: dict, micro: int, image_dtype, device):
@@ -30,9 +31,11 @@ def micro_batches(batch: dict, micro: int, image_dtype, device):
     attention_mask), caption ids), on ``device``, images in the weights' dtype."""
     for i in range(batch["images"].shape[0] // micro):
         part = slice(i * micro, (i + 1) * micro)
-        input_ids = batch["input_ids"][part].to(device)
+        # non_blocking: from the loader's pinned memory on GPUs, the copy overlaps the device's work
+        input_ids = batch["input_ids"][part].to(device, non_blocking=True)
         images = model_images(batch["images"][part], batch["colour_maps"][part], device, image_dtype)
-        yield (images, input_ids, batch["attention_mask"][part].to(device)), caption_ids(input_ids)
+        attention_mask = batch["attention_mask"][part].to(device, non_blocking=True)
+        yield (images, input_ids, attention_mask), caption_ids(input_ids)
 
 
 @torch.no_grad()
@@ -123,6 +126,7 @@ class Strategy:
         if self.queues is not None:
             self.queues.float()  # keys in fp32 whatever the weights' dtype (zero.Init creates bf16 buffers)
         self.running_stats = running_stats(engine.module)
+        self.timer = PhaseTimer(self.device)  # the step line's time breakdown (wenlan.throughput)
         self.ema = MomentumEMA(momentum_pairs) if momentum_pairs else None
         if self.ema is not None:
             self.ema.update(0.0)  # the momentum towers start as copies of the online towers
@@ -138,9 +142,11 @@ class Strategy:
         """After the optimizer step: the EMA reads the new online weights, then the step's keys (gathered
         during the backward) enter the queue, which the step's loss graph read before."""
         if self.ema is not None:
-            self.ema.update(momentum)
+            with self.timer.phase("ema"):
+                self.ema.update(momentum)
         if self.queues is not None:
-            self.queues.enqueue(*self.objective.gather.wait())
+            with self.timer.phase("enqueue"):
+                self.queues.enqueue(*self.objective.gather.wait())
         self.refresh_temperature()
         average_running_stats(self.running_stats, self.data_parallel_group)
 
@@ -238,15 +244,17 @@ class PlainStrategy(Strategy):
         accum = self.cfg.batch.grad_accum
         for i, (inputs, ids) in enumerate(micro_batches(batch, self.cfg.batch.micro_batch, self.image_dtype,
                                                         self.device)):
-            loss = self.engine(*inputs, ids, use_queue=use_queue)
             last = i == accum - 1
-            if last and self.objective.gather is not None:
-                self.objective.gather.launch()  # the step's keys are all-gathered during the last backward
-            self.engine.backward(loss)
+            with self.timer.phase("forward_backward"):
+                loss = self.engine(*inputs, ids, use_queue=use_queue)
+                if last and self.objective.gather is not None:
+                    self.objective.gather.launch()  # the step's keys are all-gathered during the last backward
+                self.engine.backward(loss)
             if last and self._own_grad_norm:  # before the step clips them; stays on the device
                 grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
                 self._grad_norm = torch.nn.utils.get_total_norm(grads)
-            self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+            with self.timer.phase("optimizer"):
+                self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
 
     def grad_norm(self):
         return self._grad_norm if self._own_grad_norm else super().grad_norm()
@@ -274,7 +282,8 @@ class PipelineStrategy(Strategy):
             self.objective.use_queue = use_queue
         inputs = micro_batches(batch, self.cfg.batch.micro_batch, self.image_dtype, self.device) \
             if self.reads_data else None
-        self.engine.train_batch(inputs)
+        with self.timer.phase("forward_backward"):  # and the optimizer step: train_batch interleaves them
+            self.engine.train_batch(inputs)
         if self.objective is not None and self.objective.gather is not None:
             self.objective.gather.launch()
 
