@@ -47,6 +47,20 @@ def test_region_boxes_are_grid_plus_whole_image():
     assert boxes[0].tolist() == pytest.approx([-1, -1, -1 + 2 / 6, -1 + 2 / 6])
 
 
+def test_bf16_model_keeps_fp32_region_sample_positions():
+    """model.bfloat16() casts the weights, not the sample grid: bf16 would move the points (by up to
+    2^-9 of the map) and grid_sample refuses a bf16 grid for an fp32 map."""
+    torch.manual_seed(0)
+    model = BriVL(get_preset("tiny"), momentum=False)
+    grid = model.image_tower.region_pool.sample_grid.clone()
+    images = torch.randn(2, 3, 64, 64)
+    reference = model.encode_image(images)
+    model.bfloat16()
+    assert model.image_tower.region_pool.proj.weight.dtype == torch.bfloat16
+    assert torch.equal(model.image_tower.region_pool.sample_grid, grid)  # still fp32, the same points
+    torch.testing.assert_close(model.encode_image(images.bfloat16()).float(), reference, atol=0.05, rtol=0)
+
+
 def test_preset_sizes():
     counts = {name: count_parameters(cfg) for name, cfg in PRESETS.items() if name != "10b"}
     assert 0.9e9 <= counts["1b"]["online_trainable"] <= 1.1e9

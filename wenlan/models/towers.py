@@ -139,6 +139,13 @@ class RegionPool(nn.Module):
         self.num_regions = boxes.shape[0]
         self.sampling, self.map_size = sampling, map_size
 
+    def _apply(self, fn, recurse=True):
+        # .to(device) moves the sample grid; .bfloat16() and the like must not round it (see forward).
+        grid = self.sample_grid
+        super()._apply(fn, recurse)
+        self.sample_grid = grid.to(self.sample_grid.device)
+        return self
+
     def forward(self, fmap: torch.Tensor) -> torch.Tensor:
         B, C = fmap.shape[:2]
         if self.sampling == "brivl" and tuple(fmap.shape[2:]) != (self.map_size, self.map_size):
