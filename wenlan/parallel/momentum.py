@@ -39,7 +39,7 @@ def _is_zero3(param: torch.Tensor) -> bool:
 class MomentumEMA:
     """fp32 EMA of key parameters from online parameters, partition-local under ZeRO-3.
 
-    One step is a few multi-tensor kernels over all pairs (``torch._foreach_lerp_``), not a Python loop
+    One step is a few multi-tensor kernels over all pairs (``torch._foreach_*``), not a Python loop
     of small kernels per parameter: the 1b preset has ~900 key parameters. Under ZeRO-3 the sources are
     views of the optimizer's flat fp32 partitions, looked up once (DeepSpeed's per-parameter accessor
     costs a dictionary walk per call); where the accessor returns a copy instead (optimizer offload to
@@ -91,10 +91,12 @@ class MomentumEMA:
         if m == 0.0:  # a copy: the key may be uninitialised memory, and NaN * 0 is NaN
             torch._foreach_copy_(carriers, sources)
         else:
-            # lerp wants one dtype per pair: bf16 sources (ZeRO-0/1/2 working copies) into fp32 masters
-            # are promoted, fp32 keys take fp32 sources as they are.
+            # One dtype per pair: bf16 sources (ZeRO-0/1/2 working copies) of fp32 masters are promoted.
             matched = [s if s.dtype == c.dtype else s.to(c.dtype) for s, c in zip(sources, carriers)]
-            torch._foreach_lerp_(carriers, matched, 1.0 - m)  # c + (1 - m)(s - c) = m c + (1 - m) s
+            # m c + (1 - m) s as two passes rather than one lerp: the same roundings as the per-tensor
+            # update this replaced, so runs keep their results bit for bit.
+            torch._foreach_mul_(carriers, m)
+            torch._foreach_add_(carriers, matched, alpha=1.0 - m)
         low = [(t, c) for t, c, master in zip(targets, carriers, self.masters) if master is not None]
         if low:
             torch._foreach_copy_([t for t, _ in low], [c for _, c in low])  # the weight is the master's rounding
