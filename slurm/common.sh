@@ -69,6 +69,12 @@ export MASTER_ADDR MASTER_PORT
 export WORLD_SIZE=$(( NNODES * PROCS_PER_NODE )) LOCAL_SIZE=$PROCS_PER_NODE
 if [[ $ACCELERATOR == cpu ]]; then
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+else
+  # A dead or stuck peer must fail the collective, and with it the step and the job, rather than hang
+  # every rank until the allocation's time runs out: NCCL errors and timeouts tear the process group
+  # down. NCCL_DEBUG=WARN puts the failing rank and reason in the job's log.
+  export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+  export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 fi
 
 # Shards and extra flags split on spaces on purpose; brace patterns reach train.py unexpanded.
