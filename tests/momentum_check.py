@@ -76,6 +76,10 @@ def check(ds_path: str, label: str, argv: list[str]) -> None:
     online_whole = whole_weights(onlines)
     before = whole_masters(ema)
     m = 0.9
+    if ema.persistent:  # after a forward: the update rebuilds their whole copies with its own gather
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        assert all(k.ds_status == ZeroParamStatus.AVAILABLE for k in ema.persistent), label
     ema.update(m)
     # the whole copies forward reads, before anything else gathers or releases them
     whole_copies = {name: key.data.clone() for name, (_, key) in zip(ema.names, ema.pairs)
