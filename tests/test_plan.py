@@ -78,6 +78,7 @@ def test_json_has_exactly_the_documented_keys():
 @pytest.mark.parametrize("flags, named", [
     (["--gpus", "0"], "--gpus"),
     (["--gpus", "3"], "--gpus"),  # 8 pipeline stages do not divide 3 GPUs
+    (["--gpus", "8192"], "--gpus"),  # a global batch of 16 x 32 x 1024 is larger than the queue
     (["--preset", "11b"], "--preset"),
     (["--gpu-name", "Z80"], "--gpu-name"),
     (["--deepspeed_config", "ds_configs/missing.json"], "--deepspeed_config"),

@@ -10,7 +10,7 @@ Per GPU, for a preset x DeepSpeed config x GPU count, without a GPU (everything 
 - the negative queues (fp32 image and text keys, int64 ids; replicated or sharded by ``queue_mode``)
   and the keys all-gathered each step;
 - activations: the bytes autograd saves for the backward, counted by running the online towers and
-  the objective on the meta device at the micro-batch (``saved_tensor_bytes``), with attention saving
+  the objective on the meta device at the micro-batch (``SavedTensorCounter``), with attention saving
   what a fused kernel saves (q, k, v, output, log-sum-exp; a GPU runs flash or memory-efficient
   attention). With activation checkpointing a checkpointed block keeps its input only, and its
   backward recomputes it: the largest checkpointed block's saved bytes are added once;
@@ -25,8 +25,10 @@ transient tensors (a layer's worth), which ``--headroom`` (a fraction of the GPU
 A pipeline config is planned per stage with the pipeline's own layer partition
 (``wenlan.parallel.pipeline``): the stage's model states (ZeRO-1 over its data-parallel group), the
 activations of the micro-batches in flight on it under DeepSpeed's 1F1B schedule (stage s of S holds
-up to S - s), checkpointed per ``pipeline.activation_checkpoint_interval`` layers; the worst stage is
-reported. Time: FLOPs per sample (``wenlan.models.flops``) over an assumed MFU of the GPU's bf16 peak.
+up to S - s, at least 2 buffers), checkpointed per ``pipeline.activation_checkpoint_interval`` layers;
+the worst stage is reported.
+
+Time: FLOPs per sample (``wenlan.models.flops``) over an assumed MFU of the GPU's bf16 peak.
 """
 
 import argparse
@@ -467,6 +469,10 @@ class _Planner:
                              "with its pipeline.activation_checkpoint_interval")
         self.dp = cfg.gpus // self.pipeline_stages
         self.batch = batch_from_deepspeed(self.ds, self.dp)
+        try:  # a layout train.py refuses is no plan
+            self.objective.validate_batch(self.batch.global_batch, self.dp)
+        except ValueError as err:
+            raise ValueError(f"--gpus {cfg.gpus}: {err}") from None
         self.precision = precision_of(self.ds)
         self.dtype = torch.bfloat16 if self.ds.get("bf16", {}).get("enabled") else \
             torch.float16 if self.ds.get("fp16", {}).get("enabled") else torch.float32
@@ -533,7 +539,9 @@ class _Planner:
             params = [(n, p) for layer in layers[lo:hi] for n, p in layer.named_parameters()]
             counts = parameter_counts(params, [m for layer in layers[lo:hi] for m in layer.modules()])
             states = model_state_bytes(counts, self.stage, self.precision, self.dp, self.zero)
-            in_flight = min(S - s, self.batch.grad_accum)  # 1F1B: stage s holds up to S - s micro-batches
+            # DeepSpeed's TrainSchedule.num_pipe_buffers: 1F1B keeps up to S - s forwards in flight on
+            # stage s, and never allocates fewer than 2 buffers.
+            in_flight = max(2, min(S - s, self.batch.grad_accum))
             acts = {k: _stage_activations(per_layer[lo:hi], k) for k in (interval, 0, interval or 1)}
             global_batch = micro_batch * self.batch.grad_accum * self.dp
             queues = queue_bytes(self.objective, self.model_cfg.embed_dim, global_batch, self.dp) if s == S - 1 else 0
@@ -790,7 +798,8 @@ def format_plan(plan: Plan) -> str:
     lines += ["",
               f"fits: {'yes' if plan.fits else 'NO'} (budget {plan.budget / GB:.1f} GB = {cfg.gpu_memory_gb:g} GB less "
               f"{cfg.headroom:.0%} headroom; margin {(plan.budget - plan.worst.memory.total) / GB:+.1f} GB)",
-              f"largest micro-batch that fits: {plan.max_micro_batch}",
+              f"largest micro-batch that fits: {plan.max_micro_batch} (memory only: the queue and the learning rate "
+              "may want less)",
               f"train FLOPs per sample: {plan.train_flops_per_sample / 1e12:.3f} TFLOP",
               f"assuming {cfg.mfu:.0%} MFU of {cfg.gpu_name}'s {plan.peak_tflops:g} TFLOP/s bf16 peak: step "
               f"{plan.step_seconds:.2f} s, one epoch of {cfg.pairs:,.0f} pairs {plan.epoch_hours:.1f} h "
