@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from helpers import ROOT, cpu_env
 from wenlan.config import PRESET_OBJECTIVES
@@ -120,3 +121,19 @@ def test_activations_agree_with_saved_tensors(preset):
     for every, planned, measured in rows:
         assert abs(planned / measured - 1) < 0.15, \
             f"{preset}, checkpointing {every}: planner {planned / 1e6:.1f} MB, measured {measured / 1e6:.1f} MB"
+
+
+def test_momentum_bytes_are_what_the_ema_holds(tmp_path):
+    """Without ZeRO-3 every rank holds the whole bf16 key towers and MomentumEMA's fp32 master of each."""
+    from wenlan.models.brivl import BriVL
+    from wenlan.parallel.momentum import MomentumEMA
+
+    config = tmp_path / "bf16_zero1.json"
+    config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "bf16": {"enabled": True},
+                                  "zero_optimization": {"stage": 1}}))
+    plan = make_plan(PlanConfig(preset="tiny", deepspeed_config=str(config), gpus=2, gpu_memory_gb=1), full=False)
+    model = BriVL(get_preset("tiny")).to(torch.bfloat16)
+    ema = MomentumEMA(list(model.named_momentum_pairs()))
+    keys = [p for tower in (model.momentum_image_tower, model.momentum_text_tower) for p in tower.parameters()]
+    held = sum(p.numel() * p.element_size() for p in keys) + sum(m.numel() * m.element_size() for m in ema.masters)
+    assert plan.worst.memory.momentum == held
