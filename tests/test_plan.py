@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from helpers import ROOT, cpu_env
+from tests.helpers import ROOT, cpu_env
 from wenlan.config import PRESET_OBJECTIVES
 from wenlan.losses.objective import ObjectiveConfig
 from wenlan.models.presets import get_preset
