@@ -14,6 +14,8 @@
 #   SAVE_EVERY, EVAL_EVERY    steps between checkpoints / evaluations (defaults 1000 / 5000)
 #   NUM_WORKERS               DataLoader workers per process (default 4)
 #   ACTIVATION_CHECKPOINTING  recompute every K-th tower block in the backward (0 off; the script's default)
+#   KEEP_CHECKPOINTS          keep the N newest complete checkpoints, delete older ones after each save
+#                             (default: keep all; pretrain_10b.sh keeps 3)
 #   SEED, RESUME              --seed (0) and --resume (auto); RESUME=PATH|none applies to the job's first
 #                             start only: a requeued job resumes from its own newest checkpoint
 #   MLFLOW_URI, MLFLOW_EXPERIMENT   tracking store (default: sqlite next to OUTPUT_DIR) and experiment
@@ -94,6 +96,7 @@ args=(--deepspeed_config "$DS_CONFIG" --preset "$PRESET" --tokenizer "$TOKENIZER
       --eval-every "$EVAL_EVERY" --num-workers "$NUM_WORKERS" --mlflow-experiment "$MLFLOW_EXPERIMENT"
       --activation-checkpointing "$ACTIVATION_CHECKPOINTING")
 if [[ -n ${MLFLOW_URI:-} ]]; then args+=(--mlflow-uri "$MLFLOW_URI"); fi
+if [[ -n ${KEEP_CHECKPOINTS:-} ]]; then args+=(--keep-checkpoints "$KEEP_CHECKPOINTS"); fi
 args+=("${extra[@]}")
 
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $NNODES node(s) [$(scontrol show hostnames \

@@ -27,5 +27,7 @@ DS_CONFIG=${DS_CONFIG:-ds_configs/zero3_10b.json}
 MAX_STEPS=${MAX_STEPS:-200000}
 # Every block recomputed: at micro-batch 64 a ViT-2560 block alone keeps about 1 GB of activations.
 ACTIVATION_CHECKPOINTING=${ACTIVATION_CHECKPOINTING:-1}
+# A checkpoint of the 10b preset is about 200 GB (bf16 weights, fp32 masters and moments, momentum towers).
+KEEP_CHECKPOINTS=${KEEP_CHECKPOINTS:-3}
 # shellcheck source=slurm/common.sh
 source "$ROOT/slurm/common.sh"

@@ -57,6 +57,7 @@ def test_queue_warmup_follows_the_lr_warmup_unless_given(tiny_data, tmp_path, mo
     ({"--init-from": "missing.safetensors"}, "--init-from: no such file 'missing.safetensors'"),
     ({"--queue-warmup-steps": "-1"}, "objective.queue_warmup_steps=-1 must be >= 0"),
     ({"--activation-checkpointing": "-1"}, "--activation-checkpointing -1: use 0 (off), 1 (every block)"),
+    ({"--keep-checkpoints": "0"}, "--keep-checkpoints 0: must be >= 1"),
     ({"--activation-checkpointing": "1", "ds": {"train_micro_batch_size_per_gpu": 8, "pipeline": {"stages": 2}}},
      "a pipeline checkpoints its layers with the DeepSpeed config's pipeline.activation_checkpoint_interval"),
     ({"--preset": "huge"}, "--preset: unknown preset 'huge'; choose one of tiny, tiny-vit, base, 1b, 10b, brivl-1.0"),

@@ -87,8 +87,14 @@ def two_rank_run(data, tmp_path_factory):
     step4 = read_consolidated(out / "checkpoints" / "step00000004")
     export(out / "checkpoints", tmp / "step4.safetensors", full=True)
     eval_after_4 = json.loads((out / "eval.json").read_text())
-    resumed = launch(2, train_args(data, out, ds_config(tmp, 1, 64), 5))
-    return dict(out=out, tmp=tmp, first=first, resumed=resumed, step4=step4, eval4=eval_after_4)
+    tags_before = sorted(p.name for p in (out / "checkpoints").glob("step*"))
+    # A save cut short by a crash (no complete.json), older than the resumed run's save, and one newer.
+    for step in (3, 9):
+        (out / "checkpoints" / f"step{step:08d}").mkdir()
+        (out / "checkpoints" / f"step{step:08d}" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+    resumed = launch(2, train_args(data, out, ds_config(tmp, 1, 64), 5, "--keep-checkpoints", "2"))
+    return dict(out=out, tmp=tmp, first=first, resumed=resumed, step4=step4, eval4=eval_after_4,
+                tags_before=tags_before)
 
 
 def test_two_rank_training_writes_contract_outputs(two_rank_run):
@@ -101,11 +107,23 @@ def test_two_rank_training_writes_contract_outputs(two_rank_run):
     assert "MFU" not in log  # no peak FLOP/s for a CPU
     assert json.loads((out / "config.json").read_text())["batch"] == {"micro_batch": 64, "grad_accum": 1,
                                                                        "data_parallel_size": 2, "pipeline_stages": 1}
-    for tag in ("step00000002", "step00000004", "step00000005"):
-        assert (out / "checkpoints" / tag).is_dir()
+    assert two_rank_run["tags_before"] == ["step00000002", "step00000004"]
+    for tag in ("step00000004", "step00000005"):
+        assert (out / "checkpoints" / tag / "complete.json").is_file()
     metrics = json.loads((out / "eval.json").read_text())
     assert {"r1_i2t", "r5_i2t", "r10_i2t", "r1_t2i", "r5_t2i", "r10_t2i", "mean_recall", "n_pairs"} <= set(metrics)
     assert metrics["n_pairs"] == 96
+
+
+def test_keep_checkpoints_deletes_older_tags_after_a_complete_save(two_rank_run):
+    """--keep-checkpoints 2 in the resumed run: after step 5 is complete, rank 0 keeps it and the newest
+    older complete tag (step 4, the one it resumed from), deletes step 2 and the crashed save of step
+    3, and leaves the newer incomplete step 9 (a later step of an earlier attempt) alone."""
+    checkpoints = two_rank_run["out"] / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step*")) == ["step00000004", "step00000005", "step00000009"]
+    assert (checkpoints / "latest").read_text() == "step00000005"
+    log = two_rank_run["resumed"].stdout + two_rank_run["resumed"].stderr
+    assert "--keep-checkpoints 2: deleted step00000002, step00000003" in log
 
 
 def test_resume_continues_at_the_right_step_with_the_saved_queue(two_rank_run):

@@ -75,6 +75,9 @@ class TrainConfig:
     activation_checkpointing: int = 0
     """Plain/ZeRO path: recompute every k-th block of each online tower in the backward (0: off, 1:
     every block; ``wenlan.parallel.activation``). A pipeline uses ``pipeline.activation_checkpoint_interval``."""
+    keep_checkpoints: int | None = None
+    """After each save, keep this many complete checkpoints (the one just written and the newest older
+    ones) and delete the rest (``wenlan.parallel.checkpoint.prune``); None keeps all."""
     init_from: str | None = None
     """A file of ``wenlan.export`` or ``wenlan.convert``: a fresh run starts its online towers (and,
     unless --temperature is given, its temperature) from it; the momentum towers start as their copy
@@ -241,6 +244,10 @@ def resolve(args) -> TrainConfig:
     if checkpointing < 0:
         raise ValueError(f"--activation-checkpointing {checkpointing}: use 0 (off), 1 (every block) or k (every k-th "
                          "block)")
+    keep = getattr(args, "keep_checkpoints", None)
+    if keep is not None and keep < 1:
+        raise ValueError(f"--keep-checkpoints {keep}: must be >= 1 (the checkpoint just saved is always kept); "
+                         "leave it out to keep every checkpoint")
     if stages > 1 and checkpointing:
         raise ValueError("--activation-checkpointing applies to the ZeRO path; a pipeline checkpoints its layers with "
                          "the DeepSpeed config's pipeline.activation_checkpoint_interval")
@@ -278,4 +285,4 @@ def resolve(args) -> TrainConfig:
         eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every,
         num_workers=args.num_workers, data_streams=streams, color_augment=not args.no_color_augment, resume=args.resume,
         mlflow_uri=args.mlflow_uri, mlflow_experiment=args.mlflow_experiment, init_from=init_from,
-        activation_checkpointing=checkpointing)
+        activation_checkpointing=checkpointing, keep_checkpoints=keep)

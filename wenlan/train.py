@@ -62,6 +62,8 @@ def parse_args(argv=None):
                    help="start the towers from a wenlan.export / wenlan.convert .safetensors (a fresh run only)")
     p.add_argument("--freeze", nargs="+", default=None, metavar="PATTERN",
                    help="freeze online parameters whose names match these globs, e.g. 'text_tower.bert.*'")
+    p.add_argument("--keep-checkpoints", type=int, default=None, metavar="N",
+                   help="after each save keep the N newest complete checkpoints, delete older ones (default: all)")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
     return p.parse_args(argv)
 

@@ -104,6 +104,36 @@ def complete_tags(checkpoint_dir: Path) -> list[str]:
     return sorted(tags)
 
 
+def prune(checkpoint_dir: Path, saved_step: int, keep: int) -> list[str]:
+    """Delete what a newer complete checkpoint makes redundant; returns the deleted tags. Rank 0 calls
+    it after every rank's files of ``saved_step`` are on disk and its ``complete.json`` is written.
+
+    Kept: the tag just saved, the ``keep - 1`` newest complete tags older than it, and every tag newer
+    than it (left by an earlier attempt that got further; this run overwrites them when it gets there).
+    Deleted: older complete tags beyond those, and older incomplete ones (saves cut short by a crash,
+    which no resume reads). ``--resume auto`` reads the newest complete tag, which is never deleted;
+    a deleted tag loses its ``complete.json`` first, so a deletion cut short leaves an incomplete tag,
+    never a complete-looking one with files missing.
+    """
+    import shutil
+
+    checkpoint_dir = Path(checkpoint_dir)
+    older = sorted(p for p in checkpoint_dir.iterdir() if TAG.match(p.name) and int(TAG.match(p.name)[1]) < saved_step)
+    complete = [p for p in older if (p / COMPLETE).is_file()]
+    kept = set(complete[max(len(complete) - (keep - 1), 0):]) if keep > 1 else set()
+    deleted = []
+    for tag_dir in older:
+        if tag_dir in kept:
+            continue
+        try:
+            (tag_dir / COMPLETE).unlink(missing_ok=True)
+            shutil.rmtree(tag_dir)
+            deleted.append(tag_dir.name)
+        except OSError as err:  # a checkpoint left on disk costs space, not the run
+            log.warning("could not delete old checkpoint %s: %s", tag_dir, err)
+    return deleted
+
+
 def resolve_resume(resume: str, checkpoint_dir: Path) -> tuple[Path, str] | None:
     """--resume auto|none|PATH -> (checkpoints dir, tag) to load, or None for a fresh start.
 
@@ -496,3 +526,10 @@ class Checkpointer:
                          data_position=merge_positions(positions))
         save(strategy.engine, self.directory, progress.step, run_state, strategy.rank_state())
         self.last_saved_step = progress.step
+        keep = self.cfg.keep_checkpoints
+        # After save()'s last barrier: every rank's files of this step are written and marked complete,
+        # and every rank finished reading the tag it resumed from long before (one rank deletes).
+        if keep is not None and dist.get_rank() == 0:
+            deleted = prune(self.directory, progress.step, keep)
+            if deleted:
+                log.info("--keep-checkpoints %d: deleted %s", keep, ", ".join(deleted))
