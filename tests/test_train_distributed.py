@@ -215,6 +215,23 @@ def test_mlflow_run_has_params_metrics_and_artifacts(two_rank_run):
     assert {"eval.json", "deepspeed_config.json"} <= artifacts
 
 
+def test_unreachable_tracking_server_changes_nothing_and_says_what_was_dropped(two_rank_run, data, tmp_path):
+    """The first launch of two_rank_run again, tracked to a server that never existed: the same weights
+    at step 4, bit for bit, and the log says what MLflow did not get."""
+    out = tmp_path / "untracked"
+    args = train_args(data, out, ds_config(tmp_path, 1, 64), 4, "--save-every", "2", "--eval-every", "2")
+    args[args.index("--mlflow-uri") + 1] = f"http://127.0.0.1:{free_port()}"
+    proc = launch(2, args)
+    log = proc.stdout + proc.stderr
+    assert "failed (" in log and "training continues" in log
+    assert re.search(r"not recorded: .*\d+ metric values.*run \(never opened\)", log), log[-3000:]
+    state, _ = read_consolidated(out / "checkpoints" / "step00000004")
+    reference, _ = two_rank_run["step4"]
+    assert set(state) == set(reference)
+    for name, tensor in reference.items():
+        assert torch.equal(state[name], tensor), name
+
+
 def test_standalone_evaluate_cli(two_rank_run, data):
     import subprocess
     import sys

@@ -1,4 +1,18 @@
-"""MLflow tracking, on rank 0 only (the other ranks get a tracker that does nothing).
+"""MLflow tracking on rank 0 (the other ranks get a tracker that does nothing), which never stops, slows
+or hangs training.
+
+Every call returns at once: it puts a record on a bounded queue, and one daemon thread sends the
+records in batches (MLflow's REST calls take ~100 ms each against a server). When the store fails or
+cannot be reached, the thread keeps what it could not send (up to ``max_pending`` metric values, the
+oldest dropped first) and tries again every few seconds; the first failure is logged once, a
+recovery once, and ``close`` says what never got through. ``close`` waits for the thread at most
+``close_timeout`` seconds. The run ends FINISHED, FAILED (an exception, a diverged loss) or KILLED
+(pre-emption); a resumed or requeued run continues the same MLflow run (``mlflow_run_id`` in the
+output directory), logging only params it does not have yet (MLflow params are immutable).
+
+System metrics (CPU, memory, and per GPU utilisation and memory through nvidia-ml-py) are sampled by
+the same thread every ``system_every`` seconds and sent with the rest, so they outlive a server blip
+(MLflow's own monitor thread stops for good at its first failure).
 
 Default store: a SQLite database and an artifact folder next to the run's output directory
 (``outputs/mlflow.db``, ``outputs/mlartifacts`` for ``outputs/demo``), so the demo needs no server and
@@ -7,9 +21,16 @@ all demo runs land in one dashboard: ``mlflow ui --backend-store-uri sqlite:///o
 
 import json
 import logging
+import os
+import queue
+import threading
+import time
+from collections import Counter
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
 def default_tracking_uri(output_dir: Path) -> str:
@@ -17,63 +38,267 @@ def default_tracking_uri(output_dir: Path) -> str:
 
 
 class Tracker:
-    def __init__(self, enabled: bool, output_dir: Path, uri: str | None, experiment: str, run_name: str):
+    def __init__(self, enabled: bool, output_dir: Path, uri: str | None, experiment: str, run_name: str, *,
+                 max_pending: int = 200_000, retry_every: float = 5.0, close_timeout: float = 60.0,
+                 system_every: float = 15.0):
         self.enabled = enabled
         if not enabled:
             return
-        import mlflow  # only rank 0 pays the import
+        self.uri = uri or default_tracking_uri(output_dir)
+        self.output_dir, self.experiment, self.run_name = Path(output_dir), experiment, run_name
+        self.max_pending, self.retry_every = max_pending, retry_every
+        self.close_timeout, self.system_every = close_timeout, system_every
+        self.records: queue.Queue = queue.Queue(maxsize=100_000)
+        self.dropped: Counter = Counter()  # what never reached the store, by kind
+        self.run_id: str | None = None
+        self._thread = threading.Thread(target=_Sender(self).run, name="mlflow-tracking", daemon=True)
+        self._thread.start()
 
-        self.mlflow = mlflow
-        uri = uri or default_tracking_uri(output_dir)
-        mlflow.set_tracking_uri(uri)
-        if mlflow.get_experiment_by_name(experiment) is None:
-            artifacts = None
-            if uri.startswith("sqlite:///"):
-                artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-            mlflow.create_experiment(experiment, artifact_location=artifacts)
-        mlflow.set_experiment(experiment)
-        run_id_file = Path(output_dir) / "mlflow_run_id"
-        # A resumed run continues the same MLflow run rather than starting a new one.
-        run_id = run_id_file.read_text().strip() if run_id_file.exists() else None
-        try:
-            self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
-        except Exception as err:  # e.g. the run was deleted from the store
-            log.warning("cannot continue MLflow run %s (%s); starting a new one", run_id, err)
-            self.run = mlflow.start_run(run_name=run_name)
-        run_id_file.write_text(self.run.info.run_id)
-        log.info("MLflow run %s in %s", self.run.info.run_id, uri)
-
+    # -- what training calls: each returns at once ----------------------------------------------------
     def start(self, cfg, restarts: int, step: int) -> None:
-        """What every (re)start records: the resolved config as params (only new ones: MLflow params are
-        immutable), the restart count, and the DeepSpeed config as an artifact."""
+        """What every (re)start records: the resolved config as params (only new ones), the restart
+        count, and the DeepSpeed config as an artifact."""
         self.log_params(cfg.to_dict())
         self.log_metrics({"restarts": restarts}, step=step)
         self.log_dict(cfg.deepspeed_config, "deepspeed_config.json")
 
     def log_params(self, params: dict) -> None:
-        if not self.enabled:
-            return
-        flat = _flatten(params)
-        existing = self.mlflow.get_run(self.run.info.run_id).data.params
-        new = {k: str(v)[:6000] for k, v in flat.items() if k not in existing}
-        if new:
-            self.mlflow.log_params(new)
+        self._put("params", {k: str(v)[:6000] for k, v in _flatten(params).items()})
 
     def log_metrics(self, metrics: dict, step: int) -> None:
-        if self.enabled:
-            self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        self._put("metrics", ({k: float(v) for k, v in metrics.items()}, step, int(time.time() * 1000)))
 
     def log_artifact(self, path: Path) -> None:
+        """A small file's contents as they are now (eval.json is rewritten at every evaluation)."""
         if self.enabled:
-            self.mlflow.log_artifact(str(path))
+            self._put("text", (Path(path).read_text(), Path(path).name))
 
     def log_dict(self, data: dict, name: str) -> None:
-        if self.enabled:
-            self.mlflow.log_text(json.dumps(data, indent=2), name)
+        self._put("text", (json.dumps(data, indent=2), name))
 
     def close(self, status: str = "FINISHED") -> None:
-        if self.enabled:
-            self.mlflow.end_run(status=status)
+        """End the run with ``status``; wait for the sender at most ``close_timeout`` seconds and say
+        what could not be sent."""
+        if not self.enabled or not self._thread.is_alive():
+            return
+        if status not in STATUSES:
+            raise ValueError(f"MLflow run status {status!r}: use one of {', '.join(STATUSES)}")
+        self._put("close", status, block=True)
+        self._thread.join(self.close_timeout)
+        if self._thread.is_alive():
+            self.dropped["records still queued at exit"] += self.records.qsize()
+        if self.dropped:
+            lost = ", ".join(f"{n} {kind}" for kind, n in sorted(self.dropped.items()))
+            log.warning("MLflow at %s: not recorded: %s", self.uri, lost)
+
+    def _put(self, kind: str, payload, block: bool = False) -> None:
+        if not self.enabled:
+            return
+        try:
+            self.records.put((kind, payload), block=block, timeout=self.close_timeout if block else None)
+        except queue.Full:  # the sender has been stuck for ~100,000 records: training goes on
+            self.dropped[f"{kind} records (queue full)"] += 1
+
+
+class _Sender:
+    """The tracker's thread: opens (or continues) the run, batches records, retries, samples the system."""
+
+    def __init__(self, tracker: Tracker):
+        self.t = tracker
+        self.client = None
+        self.metrics: list = []  # mlflow.entities.Metric not yet sent, oldest first
+        self.params: dict = {}
+        self.texts: list[tuple[str, str]] = []
+        self.status: str | None = None
+        self.failing_since: float | None = None
+        self.next_try = 0.0
+        self.next_sample = 0.0
+        self.last_step = 0
+        self.system = _SystemMetrics()
+
+    def run(self) -> None:
+        # Our retries are the slow ones: MLflow's own (7 with exponential back-off, 120 s timeouts) would
+        # hold the thread for minutes per call against a dead server. Only where the user set none.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        import mlflow
+
+        self.mlflow = mlflow
+        while self.status is None:
+            self._take(timeout=min(1.0, self.t.system_every))
+            now = time.monotonic()
+            if now >= self.next_sample:
+                self.next_sample = now + self.t.system_every
+                self._add_metrics(self.system.sample(), self.last_step, int(time.time() * 1000))
+            if now >= self.next_try or self.status is not None:
+                self._send()
+        deadline = time.monotonic() + self.t.close_timeout / 2
+        while not self._send() and time.monotonic() < deadline:  # a last chance for a blip at the end
+            time.sleep(min(self.t.retry_every, 2.0))
+        if self.client is not None and self.t.run_id is not None:
+            self._attempt(lambda: self.client.set_terminated(self.t.run_id, status=self.status))
+        self._count_unsent()
+
+    def _take(self, timeout: float) -> None:
+        """Move every queued record into the pending batches (waiting up to ``timeout`` for the first)."""
+        try:
+            item = self.t.records.get(timeout=timeout)
+        except queue.Empty:
+            return
+        while item is not None:
+            kind, payload = item
+            if kind == "metrics":
+                values, step, stamp = payload
+                self.last_step = max(self.last_step, step)
+                self._add_metrics(values, step, stamp)
+            elif kind == "params":
+                self.params.update(payload)
+            elif kind == "text":
+                self.texts.append(payload)
+            elif kind == "close":
+                self.status = payload
+            try:
+                item = self.t.records.get_nowait()
+            except queue.Empty:
+                item = None
+
+    def _add_metrics(self, values: dict, step: int, stamp: int) -> None:
+        from mlflow.entities import Metric
+
+        self.metrics.extend(Metric(k, v, stamp, step) for k, v in values.items())
+        excess = len(self.metrics) - self.t.max_pending
+        if excess > 0:  # the store has been away for long: keep the newest
+            del self.metrics[:excess]
+            self.t.dropped["metric values (buffer full)"] += excess
+
+    def _send(self) -> bool:
+        """Try to send everything pending; True if nothing is left."""
+        if not (self._open() and self._send_params() and self._send_texts() and self._send_metrics()):
+            self.next_try = time.monotonic() + self.t.retry_every
+            return False
+        return True
+
+    def _attempt(self, call) -> bool:
+        try:
+            call()
+        except Exception as err:  # noqa: BLE001 - any failure of the store: training must not notice
+            if self.failing_since is None:
+                self.failing_since = time.monotonic()
+                log.warning("MLflow at %s failed (%s: %s); training continues, and records are kept and "
+                            "retried every %g s", self.t.uri, type(err).__name__, str(err).splitlines()[0][:200],
+                            self.t.retry_every)
+            return False
+        if self.failing_since is not None:
+            log.warning("MLflow at %s reachable again after %.0f s", self.t.uri, time.monotonic() - self.failing_since)
+            self.failing_since = None
+        return True
+
+    def _open(self) -> bool:
+        if self.t.run_id is not None:
+            return True
+        return self._attempt(self._open_run)
+
+    def _open_run(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        self.client = self.client or self.mlflow.MlflowClient(self.t.uri)
+        experiment = self.client.get_experiment_by_name(self.t.experiment)
+        if experiment is None:
+            artifacts = None
+            if self.t.uri.startswith("sqlite:///"):
+                artifacts = (Path(self.t.uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+            experiment_id = self.client.create_experiment(self.t.experiment, artifact_location=artifacts)
+        else:
+            experiment_id = experiment.experiment_id
+        id_file = self.t.output_dir / "mlflow_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else None
+        if run_id is not None:  # a resumed run continues its MLflow run
+            try:
+                self.client.update_run(run_id, status="RUNNING")
+            except MlflowException as err:
+                if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                log.warning("MLflow run %s is gone from %s; starting a new one", run_id, self.t.uri)
+                run_id = None
+        if run_id is None:
+            run_id = self.client.create_run(experiment_id, run_name=self.t.run_name).info.run_id
+            id_file.write_text(run_id)
+        self.existing_params = set(self.client.get_run(run_id).data.params)
+        self.t.run_id = run_id
+        log.info("MLflow run %s in %s", run_id, self.t.uri)
+
+    def _send_params(self) -> bool:
+        from mlflow.entities import Param
+
+        new = [Param(k, v) for k, v in self.params.items() if k not in self.existing_params]
+        for i in range(0, len(new), 100):  # MLflow takes at most 100 params per batch
+            chunk = new[i:i + 100]
+            if not self._attempt(lambda: self.client.log_batch(self.t.run_id, params=chunk)):
+                return False
+            self.existing_params.update(p.key for p in chunk)
+        self.params = {}
+        return True
+
+    def _send_texts(self) -> bool:
+        while self.texts:
+            text, name = self.texts[0]
+            if not self._attempt(lambda: self.client.log_text(self.t.run_id, text, name)):
+                return False
+            self.texts.pop(0)
+        return True
+
+    def _send_metrics(self) -> bool:
+        while self.metrics:
+            chunk = self.metrics[:1000]  # MLflow takes at most 1000 metrics per batch
+            if not self._attempt(lambda: self.client.log_batch(self.t.run_id, metrics=chunk)):
+                return False
+            del self.metrics[:len(chunk)]
+        return True
+
+    def _count_unsent(self) -> None:
+        if self.metrics:
+            self.t.dropped["metric values"] += len(self.metrics)
+        if self.params:
+            self.t.dropped["params"] += len(self.params)
+        if self.texts:
+            self.t.dropped["artifacts"] += len(self.texts)
+        if self.t.run_id is None:
+            self.t.dropped["run (never opened)"] += 1
+
+
+class _SystemMetrics:
+    """CPU and memory of the host (psutil) and, where nvidia-ml-py finds GPUs, each GPU's utilisation and
+    memory, named as MLflow's own system metrics are."""
+
+    def __init__(self):
+        import psutil
+
+        self.psutil = psutil
+        psutil.cpu_percent()  # the first call only starts the interval
+        self.gpus = []
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nvml = pynvml
+            self.gpus = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception:  # noqa: BLE001 - no driver, no GPU, or no nvidia-ml-py: host metrics only
+            pass
+
+    def sample(self) -> dict[str, float]:
+        memory = self.psutil.virtual_memory()
+        out = {"system/cpu_utilization_percentage": self.psutil.cpu_percent(),
+               "system/system_memory_usage_megabytes": memory.used / 2**20,
+               "system/system_memory_usage_percentage": memory.percent}
+        for i, handle in enumerate(self.gpus):
+            try:
+                use = self.nvml.nvmlDeviceGetUtilizationRates(handle)
+                mem = self.nvml.nvmlDeviceGetMemoryInfo(handle)
+            except Exception:  # noqa: BLE001 - a GPU that stops answering costs its metrics, nothing else
+                continue
+            out[f"system/gpu_{i}_utilization_percentage"] = float(use.gpu)
+            out[f"system/gpu_{i}_memory_usage_megabytes"] = mem.used / 2**20
+        return out
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

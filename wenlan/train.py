@@ -267,35 +267,42 @@ def run(cfg: TrainConfig) -> dict:
         dist.barrier()  # no gradient; every rank has stopped training
         sys.exit(DIVERGED_EXIT)
 
-    strategy.engine.train()
-    while progress.step < cfg.max_steps:
-        t0 = time.perf_counter()
-        batch = next(batches) if batches is not None else None  # this rank's share: grad_accum micro-batches
-        data_wait = time.perf_counter() - t0
-        strategy.train_step(batch, use_queue=progress.step >= cfg.objective.queue_warmup_steps)
-        progress.advance(batch, cfg.batch.global_batch)
-        strategy.after_step(cfg.objective.momentum_at(progress.step, cfg.max_steps))
-        steps.count(batch, data_wait)
-        if progress.step % cfg.log_every == 0 or progress.step == cfg.max_steps:
-            stop_if_diverged(steps.log(progress.step))
-        if cfg.eval_every and progress.step % cfg.eval_every == 0 and progress.step < cfg.max_steps:
-            evaluate()
-        if cfg.save_every and progress.step % cfg.save_every == 0 and progress.step < cfg.max_steps:
+    def train_and_evaluate() -> dict:
+        strategy.engine.train()
+        while progress.step < cfg.max_steps:
+            t0 = time.perf_counter()
+            batch = next(batches) if batches is not None else None  # this rank's grad_accum micro-batches
+            data_wait = time.perf_counter() - t0
+            strategy.train_step(batch, use_queue=progress.step >= cfg.objective.queue_warmup_steps)
+            progress.advance(batch, cfg.batch.global_batch)
+            strategy.after_step(cfg.objective.momentum_at(progress.step, cfg.max_steps))
+            steps.count(batch, data_wait)
+            if progress.step % cfg.log_every == 0 or progress.step == cfg.max_steps:
+                stop_if_diverged(steps.log(progress.step))
+            if cfg.eval_every and progress.step % cfg.eval_every == 0 and progress.step < cfg.max_steps:
+                evaluate()
+            if cfg.save_every and progress.step % cfg.save_every == 0 and progress.step < cfg.max_steps:
+                stop_if_diverged(steps.losses_finite())
+                checkpointer.save(strategy, progress)
+            if progress.step < cfg.max_steps and preemption.should_stop():  # all ranks stop after the same step
+                break
+        preemption.finish()
+        if checkpointer.last_saved_step != progress.step:
             stop_if_diverged(steps.losses_finite())
             checkpointer.save(strategy, progress)
-        if progress.step < cfg.max_steps and preemption.should_stop():  # all ranks stop after the same step
-            break
-    preemption.finish()
-    if checkpointer.last_saved_step != progress.step:
-        stop_if_diverged(steps.losses_finite())
-        checkpointer.save(strategy, progress)
-    if progress.step < cfg.max_steps:  # pre-empted: saved; the batch script requeues the job
+        if progress.step < cfg.max_steps:  # pre-empted: saved; the batch script requeues the job
+            tracker.close(status="KILLED")
+            preemption.exit(progress.step)
+        metrics = evaluate()
         tracker.close()
-        preemption.exit(progress.step)
-    metrics = evaluate()
-    tracker.close()
-    dist.barrier()
-    return metrics
+        dist.barrier()
+        return metrics
+
+    try:
+        return train_and_evaluate()
+    except Exception:
+        tracker.close(status="FAILED")  # the run's end in MLflow; the exception still ends the process
+        raise
 
 
 def main(argv=None) -> None:
