@@ -8,7 +8,7 @@ DEMO_STEPS ?= 800
 DEMO_PORT ?= 29500
 DEMO_OUT := $(if $(filter 0,$(SEED)),outputs/demo,outputs/demo-seed$(SEED))
 
-.PHONY: setup demo demo-data test slurm bench presets clean
+.PHONY: setup demo demo-data test slurm bench presets mlflow-server clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,17 @@ bench: setup
 	DS_ACCELERATOR=cpu $(PY) bench/queue_manager.py
 	DS_ACCELERATOR=cpu $(PY) bench/data_throughput.py
 	DS_ACCELERATOR=cpu $(PY) bench/pipeline_bubble.py
+
+# A tracking server for a team: `make mlflow-server`, then train with --mlflow-uri http://HOST:PORT. Bound to
+# 127.0.0.1 unless MLFLOW_HOST says otherwise; SQLite suits one writer at a time (README: PostgreSQL).
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5000
+MLFLOW_STORE ?= sqlite:///outputs/mlflow-server.db
+MLFLOW_ARTIFACTS ?= outputs/mlflow-artifacts
+MLFLOW_ARGS ?=
+mlflow-server: setup
+	$(VENV)/bin/mlflow server --backend-store-uri $(MLFLOW_STORE) --artifacts-destination $(MLFLOW_ARTIFACTS) \
+	  --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) $(MLFLOW_ARGS)
 
 presets: setup
 	$(PY) -m wenlan.models.presets

@@ -6,21 +6,17 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import ROOT, free_port
 from wenlan.tracking import Tracker
 
-MLFLOW = str(Path(sys.executable).parent / "mlflow")
-
-
 class Server:
-    """`mlflow server` on 127.0.0.1 with a SQLite store, started and killed by PID."""
+    """`make mlflow-server` on 127.0.0.1 with a SQLite store, started and killed by PID."""
 
     def __init__(self, root: Path, port: int):
         self.root, self.port, self.proc = root, port, None
@@ -29,10 +25,9 @@ class Server:
     def start(self) -> "Server":
         log = open(self.root / "server.log", "a")
         self.proc = subprocess.Popen(
-            [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            ["make", "--no-print-directory", "mlflow-server", f"MLFLOW_STORE=sqlite:///{self.root / 'mlflow.db'}",
+             f"MLFLOW_ARTIFACTS={self.root / 'artifacts'}", f"MLFLOW_PORT={self.port}", "MLFLOW_ARGS=--workers 1"],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             try:
@@ -46,7 +41,7 @@ class Server:
         raise TimeoutError(f"mlflow server did not answer /health in 240 s: {(self.root / 'server.log').read_text()[-3000:]}")
 
     def kill(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its uvicorn worker
+        os.killpg(self.proc.pid, signal.SIGKILL)  # make, the server and its uvicorn worker
         self.proc.wait()
 
 
