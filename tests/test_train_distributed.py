@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import wenlan
@@ -92,7 +93,7 @@ def two_rank_run(data, tmp_path_factory):
     for step in (3, 9):
         (out / "checkpoints" / f"step{step:08d}").mkdir()
         (out / "checkpoints" / f"step{step:08d}" / "mp_rank_00_model_states.pt").write_bytes(b"partial")
-    resumed = launch(2, train_args(data, out, ds_config(tmp, 1, 64), 5, "--keep-checkpoints", "2"))
+    resumed = launch(2, train_args(data, out, ds_config(tmp, 1, 64), 5, "--keep-checkpoints", "2", "--log-model"))
     return dict(out=out, tmp=tmp, first=first, resumed=resumed, step4=step4, eval4=eval_after_4,
                 tags_before=tags_before)
 
@@ -212,7 +213,18 @@ def test_mlflow_run_has_params_metrics_and_artifacts(two_rank_run):
     assert run.data.metrics["restarts"] == 1  # the resumed launch continued the same MLflow run
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"eval.json", "deepspeed_config.json"} <= artifacts
+    assert {"eval.json", "deepspeed_config.json", "model"} <= artifacts
+    # --log-model: the run's final export, as wenlan.load reads it
+    model = Path(client.download_artifacts(run.info.run_id, "model/model.safetensors", str(out.parent)))
+    assert model.read_bytes() == (out / "model.safetensors").read_bytes()
+    with safe_open(str(model), "pt") as f:
+        assert f.metadata()["wenlan_step"] == "5"
+    tags = run.data.tags
+    assert (tags["wenlan.preset"], tags["wenlan.objective"], tags["wenlan.strategy"], tags["wenlan.world_size"],
+            tags["restarts"]) == ("tiny", "brivl", "ZeRO-1", "2", "1")
+    if (ROOT / ".git").exists():  # a checkout (CI's is): the commit that ran
+        assert len(tags["mlflow.source.git.commit"]) == 40
+    assert run.info.status == "FINISHED"
 
 
 def test_unreachable_tracking_server_changes_nothing_and_says_what_was_dropped(two_rank_run, data, tmp_path):

@@ -72,6 +72,8 @@ class TrainConfig:
     resume: str = "auto"
     mlflow_uri: str | None = None
     mlflow_experiment: str = "wenlan"
+    log_model: bool = False
+    """At the end of the run, export the online towers and log the file to the MLflow run."""
     activation_checkpointing: int = 0
     """Plain/ZeRO path: recompute every k-th block of each online tower in the backward (0: off, 1:
     every block; ``wenlan.parallel.activation``). A pipeline uses ``pipeline.activation_checkpoint_interval``."""
@@ -285,4 +287,5 @@ def resolve(args) -> TrainConfig:
         eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every,
         num_workers=args.num_workers, data_streams=streams, color_augment=not args.no_color_augment, resume=args.resume,
         mlflow_uri=args.mlflow_uri, mlflow_experiment=args.mlflow_experiment, init_from=init_from,
+        log_model=getattr(args, "log_model", False),
         activation_checkpointing=checkpointing, keep_checkpoints=keep)

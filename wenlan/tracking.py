@@ -55,12 +55,21 @@ class Tracker:
         self._thread.start()
 
     # -- what training calls: each returns at once ----------------------------------------------------
-    def start(self, cfg, restarts: int, step: int) -> None:
+    def start(self, cfg, restarts: int, step: int, tags: dict | None = None) -> None:
         """What every (re)start records: the resolved config as params (only new ones), the restart
-        count, and the DeepSpeed config as an artifact."""
+        count, the DeepSpeed config as an artifact, and ``tags`` (what ran where: they may change
+        between restarts, params may not)."""
         self.log_params(cfg.to_dict())
         self.log_metrics({"restarts": restarts}, step=step)
         self.log_dict(cfg.deepspeed_config, "deepspeed_config.json")
+        self.set_tags({"restarts": restarts, **(tags or {})})
+
+    def set_tags(self, tags: dict) -> None:
+        self._put("tags", {k: str(v) for k, v in tags.items()})
+
+    def log_file(self, path: Path, artifact_path: str | None = None) -> None:
+        """A file uploaded as it is when the sender reaches it (the exported model at the end)."""
+        self._put("file", (str(path), artifact_path))
 
     def log_params(self, params: dict) -> None:
         self._put("params", {k: str(v)[:6000] for k, v in _flatten(params).items()})
@@ -76,15 +85,15 @@ class Tracker:
     def log_dict(self, data: dict, name: str) -> None:
         self._put("text", (json.dumps(data, indent=2), name))
 
-    def close(self, status: str = "FINISHED") -> None:
-        """End the run with ``status``; wait for the sender at most ``close_timeout`` seconds and say
-        what could not be sent."""
+    def close(self, status: str = "FINISHED", timeout: float | None = None) -> None:
+        """End the run with ``status``; wait for the sender at most ``timeout`` (default
+        ``close_timeout``) seconds and say what could not be sent."""
         if not self.enabled or not self._thread.is_alive():
             return
         if status not in STATUSES:
             raise ValueError(f"MLflow run status {status!r}: use one of {', '.join(STATUSES)}")
         self._put("close", status, block=True)
-        self._thread.join(self.close_timeout)
+        self._thread.join(timeout or self.close_timeout)
         if self._thread.is_alive():
             self.dropped["records still queued at exit"] += self.records.qsize()
         if self.dropped:
@@ -109,6 +118,8 @@ class _Sender:
         self.metrics: list = []  # mlflow.entities.Metric not yet sent, oldest first
         self.params: dict = {}
         self.texts: list[tuple[str, str]] = []
+        self.tags: dict = {}
+        self.files: list[tuple[str, str | None]] = []
         self.status: str | None = None
         self.failing_since: float | None = None
         self.next_try = 0.0
@@ -155,6 +166,10 @@ class _Sender:
                 self.params.update(payload)
             elif kind == "text":
                 self.texts.append(payload)
+            elif kind == "tags":
+                self.tags.update(payload)
+            elif kind == "file":
+                self.files.append(payload)
             elif kind == "close":
                 self.status = payload
             try:
@@ -173,7 +188,8 @@ class _Sender:
 
     def _send(self) -> bool:
         """Try to send everything pending; True if nothing is left."""
-        if not (self._open() and self._send_params() and self._send_texts() and self._send_metrics()):
+        if not (self._open() and self._send_params() and self._send_tags() and self._send_texts()
+                and self._send_metrics() and self._send_files()):
             self.next_try = time.monotonic() + self.t.retry_every
             return False
         return True
@@ -239,6 +255,23 @@ class _Sender:
         self.params = {}
         return True
 
+    def _send_tags(self) -> bool:
+        from mlflow.entities import RunTag
+
+        tags = [RunTag(k, v) for k, v in self.tags.items()]
+        if tags and not self._attempt(lambda: self.client.log_batch(self.t.run_id, tags=tags)):
+            return False
+        self.tags = {}
+        return True
+
+    def _send_files(self) -> bool:
+        while self.files:
+            path, artifact_path = self.files[0]
+            if not self._attempt(lambda: self.client.log_artifact(self.t.run_id, path, artifact_path)):
+                return False
+            self.files.pop(0)
+        return True
+
     def _send_texts(self) -> bool:
         while self.texts:
             text, name = self.texts[0]
@@ -260,8 +293,10 @@ class _Sender:
             self.t.dropped["metric values"] += len(self.metrics)
         if self.params:
             self.t.dropped["params"] += len(self.params)
-        if self.texts:
-            self.t.dropped["artifacts"] += len(self.texts)
+        if self.texts or self.files:
+            self.t.dropped["artifacts"] += len(self.texts) + len(self.files)
+        if self.tags:
+            self.t.dropped["tags"] += len(self.tags)
         if self.t.run_id is None:
             self.t.dropped["run (never opened)"] += 1
 

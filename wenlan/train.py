@@ -40,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--objective", default="brivl", choices=["brivl", "clip"])
     p.add_argument("--mlflow-uri", default=None, help="tracking URI (default: sqlite next to --output-dir)")
     p.add_argument("--mlflow-experiment", default="wenlan")
+    p.add_argument("--log-model", action="store_true",
+                   help="at the end, export the online towers (wenlan.export) and log the file to the MLflow run")
     # Knobs beyond the command contract, with defaults from the preset.
     p.add_argument("--queue-size", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
@@ -161,6 +163,33 @@ def train_batches(cfg: TrainConfig, tokenizer, strategy, position: dict | None):
                                   position=position))
 
 
+def run_tags(cfg: TrainConfig, world_size: int) -> dict:
+    """What ran where, as MLflow tags: what groups the runs of an ablation (preset, objective, seed,
+    strategy) and what tells them apart (code version, world size, Slurm job)."""
+    import os
+    import subprocess
+
+    from wenlan.parallel.engine import zero_stage
+
+    batch = cfg.batch
+    strategy = (f"pipeline {batch.pipeline_stages} stages x {batch.data_parallel_size} data-parallel"
+                if batch.pipeline_stages > 1 else f"ZeRO-{zero_stage(cfg.deepspeed_config)}")
+    tags = {"wenlan.preset": cfg.preset, "wenlan.objective": cfg.objective.name, "wenlan.seed": cfg.seed,
+            "wenlan.strategy": strategy, "wenlan.world_size": world_size, "wenlan.global_batch": batch.global_batch}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            tags["mlflow.source.git.commit"] = commit.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):  # no git here: the tag is left out
+        pass
+    for env, tag in (("SLURM_JOB_ID", "slurm.job_id"), ("SLURM_ARRAY_JOB_ID", "slurm.array_job_id"),
+                     ("SLURM_ARRAY_TASK_ID", "slurm.array_task_id"), ("SLURM_RESTART_COUNT", "slurm.restart_count")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
+
+
 def describe(cfg: TrainConfig, world_size: int) -> str:
     from wenlan.parallel.engine import zero_stage
 
@@ -234,7 +263,7 @@ def run(cfg: TrainConfig) -> dict:
     progress = checkpointer.restore(strategy)
     batches = train_batches(cfg, tokenizer, strategy, progress.data_position) if strategy.reads_data else None
     tracker = Tracker(rank == 0, out, cfg.mlflow_uri, cfg.mlflow_experiment, run_name=out.name)
-    tracker.start(cfg, progress.restarts, progress.step)
+    tracker.start(cfg, progress.restarts, progress.step, run_tags(cfg, dist.get_world_size()))
     if rank == 0:
         log.info(describe(cfg, dist.get_world_size()))
         log.info(describe_weights(cfg, resumed=progress.step > 0))
@@ -294,7 +323,14 @@ def run(cfg: TrainConfig) -> dict:
             tracker.close(status="KILLED")
             preemption.exit(progress.step)
         metrics = evaluate()
-        tracker.close()
+        if cfg.log_model and rank == 0:
+            from wenlan.export import export
+
+            model_file = out / "model.safetensors"
+            export(out / "checkpoints", model_file)
+            tracker.log_file(model_file, "model")
+            tracker.log_file(model_file.with_suffix(".json"), "model")
+        tracker.close(timeout=1800 if cfg.log_model else None)  # an upload of the model may take minutes
         dist.barrier()
         return metrics
 
