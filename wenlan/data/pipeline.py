@@ -225,7 +225,7 @@ def _text_view(fields: dict[str, bytes], caption: str, seed: int) -> str:
 
 def _second_view(fields: dict[str, bytes], transform, max_pixels: int, seed: int, caption: str) -> tuple:
     """(pixels, colour map) of the image's second view and the second textual view of ``caption``."""
-    image, _ = _decode(fields, transform, max_pixels, _seed_of(seed, "image view"))
+    image, _ = _decode(fields, transform, max_pixels, _seed_of(seed, "image view"), all_captions=True)
     return image, _text_view(fields, caption, seed)
 
 
