@@ -30,7 +30,7 @@ def args_for(data, tmp_path, **overrides):
     values.update(overrides)
     argv = []
     for k, v in values.items():
-        argv += [k, *v.split(" ")]
+        argv += [k, *(v.split(" ") if v else [])]  # "": a flag without a value
     return parse_args(argv)
 
 
@@ -96,6 +96,11 @@ def test_queue_warmup_follows_the_lr_warmup_unless_given(tiny_data, tmp_path, mo
      "--image-views 2: --objective brivl reads one view per image"),
     ({"--objective": "cookie", "--shared-layers": "0"}, "objective.cookie.shared_layers=0"),
     ({"--shared-layers": "2"}, "--shared-layers 2: only --objective cookie has a transformer shared by both towers"),
+    ({"--objective": "cookie", "--multiview-queue": ""}, "--multiview-queue: only --objective ernie-vil2 takes queues"),
+    ({"--objective": "ernie-vil2", "--multiview-queue": "", "--queue-size": "100"},
+     "queue_size=100 is not a multiple of the global batch 16"),
+    ({"--objective": "ernie-vil2", "--multiview-queue": "", "--queue-mode": "sharded"},
+     "objective.queue_mode='sharded' with ernie-vil2's queue: its queues are replicated only"),
     ({"--objective": "cookie", "ds": {"train_micro_batch_size_per_gpu": 8, "pipeline": {"stages": 2}}},
      "--objective cookie with pipeline.stages=2: the pipeline engine passes one image and one caption batch"),
     ({"--objective": "ernie-vil2", "ds": {"train_micro_batch_size_per_gpu": 8, "pipeline": {"stages": 2}}},

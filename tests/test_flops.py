@@ -112,3 +112,7 @@ def test_multi_view_objectives_count_both_views_and_the_shared_transformer():
     assert train_flops_per_sample(plain, ernie, 32, 4) == 2 * without.total + 6 * 12 * E * G
     ernie.ernie_vil2.image_image_weight = 0.0  # a pair without weight is not computed
     assert train_flops_per_sample(plain, ernie, 32, 4) == 2 * without.total + 5 * 12 * E * G
+    ernie.ernie_vil2.queue, ernie.queue_size = True, 1024  # + the momentum forward of the first views only
+    momentum = tower_flops(plain).momentum_forward
+    assert train_flops_per_sample(plain, ernie, 32, 4) == 2 * without.total + momentum + 5 * 12 * E * G \
+        + 5 * 2 * 4 * E * 1024  # each pair's two directions against a queue: forward + query gradient

@@ -59,6 +59,43 @@ def test_loss_and_gradients_equal_the_reference_on_random_embeddings(name, cfg, 
     assert 0.0 <= stats["acc_i2t"].item() <= 1.0
 
 
+def reference_queue_pair_loss(a, b, queue_b, queue_a, ids, queue_ids, scale) -> torch.Tensor:
+    """reference_pair_loss with each query's candidates extended by the queue of its target's modality,
+    minus the queue entries that carry the query's own id."""
+    losses = []
+    for queries, keys, queue in ((a, b, queue_b), (b, a, queue_a)):
+        for i in range(queries.shape[0]):
+            candidates = [scale * queries[i] @ keys[j] for j in range(keys.shape[0])]
+            candidates += [scale * queries[i] @ queue[j] for j in range(queue.shape[0]) if queue_ids[j] != ids[i]]
+            logits = torch.stack(candidates)
+            losses.append(torch.logsumexp(logits, dim=0) - logits[i])
+    return torch.stack(losses).sum() / (2 * a.shape[0])
+
+
+def test_queue_option_adds_each_target_modalitys_queue_as_negatives():
+    """ernie-vil2 with queues: image-view targets bring the image queue, textual targets the text queue."""
+    g = torch.Generator().manual_seed(7)
+    views = {v: F.normalize(torch.randn(6, 8, generator=g), dim=-1).requires_grad_() for v in VIEWS}
+    image_queue, text_queue = (F.normalize(torch.randn(10, 8, generator=g), dim=-1) for _ in range(2))
+    ids, queue_ids = torch.arange(6), torch.tensor([0, 9, 9, 3, 9, 9, 9, 5, 9, 9])  # three are duplicates
+    log_scale = torch.tensor(math.log(1 / 0.07), requires_grad=True)
+    cfg = ErnieVil2Config(tags_weight=0.5, queue=True)
+    objective = ObjectiveConfig(name="ernie-vil2", ernie_vil2=cfg)
+    assert objective.uses_momentum and not ObjectiveConfig(name="ernie-vil2").uses_momentum
+    loss, _ = multiview_objective(views, objective.view_pairs(), log_scale.exp(),
+                                  queues=(image_queue, text_queue, queue_ids, ids))
+    queue_of = {"image": image_queue, "image2": image_queue, "caption": text_queue, "text2": text_queue}
+    expected = sum(getattr(cfg, w) * reference_queue_pair_loss(views[a], views[b], queue_of[b], queue_of[a], ids,
+                                                               queue_ids, log_scale.exp())
+                   for a, b, w in ERNIE_PAIRS)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    got = torch.autograd.grad(loss, [*views.values(), log_scale])
+    for view, x, y in zip([*VIEWS, "log_scale"], got, torch.autograd.grad(expected, [*views.values(), log_scale])):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=view)
+    without, _ = multiview_objective(views, objective.view_pairs(), log_scale.exp())
+    assert loss > without  # the queue's negatives count
+
+
 def cookie_reference_embeddings(model: BriVL, images, input_ids, mask) -> tuple[torch.Tensor, torch.Tensor]:
     """COOKIE's forward written out: each tower up to its token features, the same shared layers over
     both, then each tower's pooling and head."""

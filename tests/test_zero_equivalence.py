@@ -233,22 +233,28 @@ def test_vit_backbone_under_zero3_equals_one_rank(data, tmp_path):
     assert_close_per_tensor(reference, exported(outs["zero3"]), "ViT under ZeRO-3")
 
 
-@pytest.mark.parametrize("objective", ["ernie-vil2", "cookie"])
-def test_multi_view_objectives_under_zero3_equal_one_rank(data, tmp_path, objective):
+@pytest.mark.parametrize("objective, extra", [("ernie-vil2", []), ("cookie", []),
+                                              ("ernie-vil2", ["--multiview-queue"])],
+                         ids=["ernie-vil2", "cookie", "ernie-vil2-queue"])
+def test_multi_view_objectives_under_zero3_equal_one_rank(data, tmp_path, objective, extra):
     """The in-batch multi-view objectives, 2-rank ZeRO-3 against 1-rank ZeRO-0 on the same global batch:
-    the same weights (cookie's shared transformer included) and gradient norms at every step. The
-    one-rank run takes the global batch as one micro-batch: in-batch InfoNCE contrasts a micro-batch's
-    gathered global batch, so splitting it into accumulated micro-batches would change the negatives.
-    Both runs read their second views from the loader, so they also agree on those draws."""
+    the same weights (cookie's shared transformer included; with ernie-vil2's queues, its momentum towers
+    and queues too) and gradient norms at every step. The one-rank run takes the global batch as one
+    micro-batch: in-batch InfoNCE contrasts a micro-batch's gathered global batch, so splitting it into
+    accumulated micro-batches would change the negatives. Both runs read their second views from the
+    loader, so they also agree on those draws."""
     steps, outs = 4, {}
     for name, ranks, stage, micro in (("zero0", 1, 0, GLOBAL_BATCH), ("zero3", 2, 3, GLOBAL_BATCH // 2)):
         outs[name] = tmp_path / name
         launch(ranks, equivalence_args(data, outs[name], ds_config(tmp_path, stage, micro, 1), steps, QUEUE)
-               + ["--objective", objective])
+               + ["--objective", objective, *extra])
     reference, other = exported(outs["zero0"]), exported(outs["zero3"])
     assert any(k.startswith("shared_encoder.") for k in reference) == (objective == "cookie")
-    assert not any(k.startswith(("momentum.", "queue.")) for k in reference)
-    assert_close_per_tensor(reference, other, f"{objective} under ZeRO-3")
+    assert any(k.startswith(("momentum.", "queue.")) for k in reference) == bool(extra)
+    if extra:  # every step's first-view keys entered the queue
+        assert reference["queue.filled"].item() == steps * GLOBAL_BATCH
+        assert (reference["queue.image"][:steps * GLOBAL_BATCH].norm(dim=1) - 1).abs().max() < 1e-5
+    assert_close_per_tensor(reference, other, f"{objective} {' '.join(extra)} under ZeRO-3")
     norms = {name: metric_history(out, "grad_norm") for name, out in outs.items()}
     assert sorted(norms["zero0"]) == sorted(norms["zero3"]) == list(range(1, steps + 1))
     for step, norm in norms["zero0"].items():

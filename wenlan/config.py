@@ -220,6 +220,11 @@ def resolve(args) -> TrainConfig:
         value = getattr(args, key, None)
         if value is not None:
             setattr(objective, key, value)
+    if getattr(args, "multiview_queue", False):
+        if objective.name != "ernie-vil2":
+            raise ValueError(f"--multiview-queue: only --objective ernie-vil2 takes queues as extra negatives (brivl "
+                             f"always has them); drop the flag for --objective {objective.name}")
+        objective.ernie_vil2.queue = True
     image_views = _check_views(args, objective)
     shared_layers = getattr(args, "shared_layers", None)
     if shared_layers is not None and objective.name != "cookie":
@@ -281,7 +286,7 @@ def resolve(args) -> TrainConfig:
     data_parallel_size = world_size // stages  # each pipeline holds one model replica
     batch = batch_from_deepspeed(ds, data_parallel_size)
     batch.pipeline_stages = stages
-    if objective.spec.momentum:
+    if objective.uses_momentum:
         objective.validate_batch(batch.global_batch, data_parallel_size)
     if not (Path(args.tokenizer) / "tokenizer_config.json").is_file():
         raise ValueError(f"--tokenizer: {args.tokenizer!r} is not a Hugging Face tokenizer directory "

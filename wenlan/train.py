@@ -66,6 +66,8 @@ def parse_args(argv=None):
                    help="image views per sample (default: 2 for ernie-vil2 and cookie, 1 otherwise)")
     p.add_argument("--shared-layers", type=int, default=None,
                    help="cookie: layers of the transformer shared by both towers (default 1)")
+    p.add_argument("--multiview-queue", action="store_true",
+                   help="ernie-vil2: momentum towers and negative queues as extra negatives (--queue-size etc.)")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
     return p.parse_args(argv)
 

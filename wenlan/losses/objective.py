@@ -93,6 +93,11 @@ class ObjectiveConfig:
     def spec(self) -> ObjectiveSpec:
         return OBJECTIVES[self.name]
 
+    @property
+    def uses_momentum(self) -> bool:
+        """Momentum towers and queues: brivl's, or ernie-vil2's with its ``queue`` option."""
+        return self.spec.momentum or (self.name == "ernie-vil2" and self.ernie_vil2.queue)
+
     def view_pairs(self) -> dict[tuple[str, str], float]:
         """The weighted view pairs of a multi-view objective."""
         return (self.ernie_vil2 if self.name == "ernie-vil2" else self.cookie).pairs()
@@ -117,12 +122,14 @@ class ObjectiveConfig:
         is in use. ``brivl``: each query against the micro-batch's keys and the queue (keys and queue
         take no gradient): 2 directions x (forward + query gradient) x 2 E (B + K). ``clip``: each
         embedding against the gathered global batch G, gradients to both sides: 2 x 3 x 2 E G.
-        ``ernie-vil2`` and ``cookie``: clip's count for each weighted view pair."""
+        ``ernie-vil2`` and ``cookie``: clip's count for each weighted view pair; with queues, each
+        query's queue logits too (forward and query gradient, 2 x 2 E K per query and direction)."""
         if self.name == "clip":
             return 12 * embed_dim * micro_batch * data_parallel_size
         if self.spec.views:
             pairs = sum(1 for weight in self.view_pairs().values() if weight)
-            return pairs * 12 * embed_dim * micro_batch * data_parallel_size
+            queue = pairs * 2 * 4 * embed_dim * self.queue_size if self.uses_momentum else 0
+            return pairs * 12 * embed_dim * micro_batch * data_parallel_size + queue
         return 8 * embed_dim * (micro_batch + self.queue_size)
 
     def validate(self) -> None:
@@ -131,6 +138,9 @@ class ObjectiveConfig:
         if self.spec.views and not any(self.view_pairs().values()):
             raise ValueError(f"--objective {self.name}: every pair weight in objective.{self.name.replace('-', '_')} "
                              "is 0; give at least one pair a weight")
+        if self.name == "ernie-vil2" and self.ernie_vil2.queue and self.queue_mode != "replicated":
+            raise ValueError(f"objective.queue_mode={self.queue_mode!r} with ernie-vil2's queue: its queues are "
+                             "replicated only; use --queue-mode replicated")
         if self.name == "cookie" and self.cookie.shared_layers < 1:
             raise ValueError(f"objective.cookie.shared_layers={self.cookie.shared_layers}: COOKIE's shared "
                              "transformer needs at least 1 layer (--shared-layers)")
@@ -147,7 +157,7 @@ class ObjectiveConfig:
     def validate_batch(self, global_batch: int, data_parallel_size: int) -> None:
         """Queue size against the batch arithmetic (global batch = micro batch x grad accumulation x
         data-parallel size), before any process group starts."""
-        if not self.spec.momentum:
+        if not self.uses_momentum:
             return
         k, g = self.queue_size, global_batch
         if k % g:
@@ -214,7 +224,7 @@ class ContrastivePretraining(nn.Module):
         # log(1/T) ~ 2.7-4.6 moves in steps of 1/64-1/32, i.e. the scale in 0.8-1.6% jumps.
         self.register_buffer("log_scale_master", torch.empty(0), persistent=False)
         self.queues = self.gather = None
-        if cfg.spec.momentum:
+        if cfg.uses_momentum:
             shard, num_shards = 0, 1
             if cfg.queue_mode == "sharded" and dist.is_available() and dist.is_initialized():
                 shard, num_shards = dist.get_rank(group), dist.get_world_size(group)
@@ -242,8 +252,18 @@ class ContrastivePretraining(nn.Module):
         and text views (images2, input_ids2, attention_mask2) of a multi-view objective."""
         if self.cfg.spec.views:
             embeddings = self.model.encode_views(images, views[0], input_ids, attention_mask, *views[1:])
+            queues = None
+            if self.queues is not None:
+                with torch.no_grad():  # the keys of the first views enter the queues after the step
+                    img_k = self.model.momentum_image_tower(images)  # (B, E)
+                    txt_k = self.model.momentum_text_tower(input_ids, attention_mask)  # (B, E)
+                self.gather.add(img_k, txt_k, ids)
+                if use_queue:
+                    image_queue, text_queue, queue_ids = self.queues.live()  # (n, E), (n, E), (n,)
+                    dup = (queue_ids, ids) if self.cfg.mask_duplicates else (None, None)
+                    queues = (image_queue, text_queue, *dup)
             loss, stats = multiview_objective(dict(zip(VIEWS, embeddings)),
-                                              self.cfg.view_pairs(), self.scale(), self.group)
+                                              self.cfg.view_pairs(), self.scale(), self.group, queues)
             return self._count(loss, stats)
         embeddings = self.model(images, input_ids, attention_mask, with_keys=self.cfg.spec.momentum)
         return self.objective(*embeddings, ids, use_queue)

@@ -95,9 +95,10 @@ def train_flops_per_sample(cfg: "ModelConfig", objective: "ObjectiveConfig", mic
     objectives: two image views and two textual views per sample; cookie's shared transformer is part
     of ``cfg``), the momentum forward, and the objective's logits at this batch layout (in-batch
     candidates depend on it)."""
-    towers = tower_flops(cfg, momentum=objective.spec.momentum)
-    views = 2 if objective.spec.views else 1
-    return views * towers.total + objective.logits_flops_per_sample(cfg.embed_dim, micro_batch, data_parallel_size)
+    towers = tower_flops(cfg, momentum=objective.uses_momentum)
+    views = 2 if objective.spec.views else 1  # the momentum towers embed the first views only
+    online = towers.online_forward + towers.online_backward
+    return views * online + towers.momentum_forward + objective.logits_flops_per_sample(cfg.embed_dim, micro_batch, data_parallel_size)
 
 
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
