@@ -7,15 +7,15 @@ view ``text2`` (the sample's object tags where the data has them, else an augmen
 contrasted both ways with in-batch InfoNCE over the global batch (open_clip's ClipLoss), and the loss
 is the weighted sum. With queues (``ernie-vil2``'s ``queue``, a combination neither paper has), a
 query's candidates also include the negative queue of its target view's modality: momentum keys of
-earlier steps' first image views (image queue) and captions (text queue). Neither paper released pre-training code; the choices they leave open are the
-config fields below, documented where they are defined.
+earlier steps' first image views (image queue) and captions (text queue). Neither paper released
+pre-training code; the choices they leave open are the config fields below, documented where they
+are defined.
 """
 
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
 import torch.nn.functional as F
 
 from wenlan.losses.infonce import queue_logsumexp
@@ -71,7 +71,8 @@ class CookieConfig:
                 ("caption", "text2"): self.text_text_weight}
 
 
-def pair_loss(a, b, all_a, all_b, offset: int, scale, queue_ab=None, queue_ba=None) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_loss(a, b, all_a, all_b, offset: int, scale, queue_ab=None, queue_ba=None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric InfoNCE of this rank's (B, E) views ``a`` and ``b`` against the global batch's
     (N*B, E), positives at ``offset`` + i (open_clip's ClipLoss, local loss); ``queue_ab`` (B,): the
     log-sum-exp of each a -> b query over a queue, one more column of its softmax normaliser (and
@@ -82,7 +83,8 @@ def pair_loss(a, b, all_a, all_b, offset: int, scale, queue_ab=None, queue_ba=No
     logits_ba = (scale * b.float()) @ all_a.float().t()  # (B, N*B)
     accuracy = (logits_ab.detach().argmax(dim=1) == labels).float().mean()
     if queue_ab is not None:
-        logits_ab, logits_ba = torch.cat([logits_ab, queue_ab[:, None]], 1), torch.cat([logits_ba, queue_ba[:, None]], 1)
+        logits_ab = torch.cat([logits_ab, queue_ab[:, None]], dim=1)  # (B, N*B + 1)
+        logits_ba = torch.cat([logits_ba, queue_ba[:, None]], dim=1)  # (B, N*B + 1)
     return (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels)) / 2, accuracy
 
 
@@ -95,7 +97,7 @@ def multiview_objective(views: dict[str, torch.Tensor], pairs: dict[tuple[str, s
     local = torch.cat([views[v] for v in VIEWS], dim=1)  # (B, 4E)
     gathered, offset = local, 0
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        from wenlan.losses.objective import gather_with_grad
+        from wenlan.losses.objective import gather_with_grad  # here: objective.py imports this module
 
         # All-gather WITH gradient, all four views in one collective: each rank's loss also pulls on the
         # other ranks' embeddings, whose owners receive it in this gather's backward (a sum over ranks).
@@ -108,8 +110,8 @@ def multiview_objective(views: dict[str, torch.Tensor], pairs: dict[tuple[str, s
         for a, b in (p for p, weight in pairs.items() if weight):
             for query, target in ((a, b), (b, a)):
                 if (query, MODALITY[target]) not in lse:
-                    lse[query, MODALITY[target]] = queue_logsumexp(views[query], queue[MODALITY[target]], scale, ids,
-                                                                   queue_ids)[0]  # (B,)
+                    modality = MODALITY[target]
+                    lse[query, modality] = queue_logsumexp(views[query], queue[modality], scale, ids, queue_ids)[0]  # (B,)
     loss, stats = 0.0, {}
     for (a, b), weight in pairs.items():
         if weight:
