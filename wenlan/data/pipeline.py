@@ -18,7 +18,8 @@ continues exactly: the windows before the cursor are passed over in the tar with
 the cursor's window is re-read and re-shuffled. Augmentation draws from a generator seeded per sample
 (seed, epoch, shard, index in shard), so it is the same at any world size or worker count and after a
 resume; with DataConfig.views the second image view and the second textual view draw from generators
-seeded from the same sample seed. Bad samples are skipped and counted by reason; they use up positions like good ones.
+seeded from the same sample seed. Bad samples are skipped and counted by reason; they use up
+positions like good ones.
 
 Workers. DataLoader worker j of a rank serves the rank's streams j, j + workers, ... and yields one
 item per step (its streams' blocks); the DataLoader returns the workers' items round robin, and
@@ -385,11 +386,12 @@ class _Stream:
                         break
                     raw_index, key, fields = got
                     self.sample += 1
-                    seed = _seed_of(cfg.seed, self.epoch, index, raw_index) if cfg.augment else None
+                    sample_seed = _seed_of(cfg.seed, self.epoch, index, raw_index)
+                    seed = sample_seed if cfg.augment else None
                     try:
                         image, caption = _decode(fields, self.transform, cfg.max_image_pixels, seed)
-                        second = () if not cfg.views else \
-                            _second_view(fields, self.transform, cfg.max_image_pixels, _seed_of(seed, "views"), caption)
+                        second = () if not cfg.views else _second_view(
+                            fields, self.transform, cfg.max_image_pixels, _seed_of(sample_seed, "views"), caption)
                     except _Bad as e:
                         self.skip_log.sample(url, key, e)
                         yield None, e.reason
