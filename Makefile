@@ -6,7 +6,9 @@ PY := $(VENV)/bin/python
 SEED ?= 0
 DEMO_STEPS ?= 800
 DEMO_PORT ?= 29500
-DEMO_OUT := $(if $(filter 0,$(SEED)),outputs/demo,outputs/demo-seed$(SEED))
+OBJECTIVE ?= brivl
+# brivl keeps outputs/demo(-seedN); another objective trains into outputs/demo-OBJECTIVE(-seedN).
+DEMO_OUT := outputs/demo$(if $(filter brivl,$(OBJECTIVE)),,-$(OBJECTIVE))$(if $(filter 0,$(SEED)),,-seed$(SEED))
 
 .PHONY: setup demo demo-data test slurm bench presets mlflow-server clean
 
@@ -27,7 +29,7 @@ demo: demo-data
 	  --deepspeed_config ds_configs/cpu_tiny.json --preset tiny --tokenizer data/demo/tokenizer \
 	  --train-shards 'data/demo/train-{000000..000009}.tar' --val-shards data/demo/val-000000.tar \
 	  --max-steps $(DEMO_STEPS) --eval-every 200 --save-every 200 --seed $(SEED) \
-	  --no-color-augment --output-dir $(DEMO_OUT)
+	  --no-color-augment --objective $(OBJECTIVE) --output-dir $(DEMO_OUT)
 	@echo "eval: $(DEMO_OUT)/eval.json   dashboard: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db"
 
 test: setup

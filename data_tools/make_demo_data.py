@@ -3,6 +3,8 @@
 Each image shows one shape with five attributes (shape, colour, grid position, size, background);
 its caption names all five in one of several templates with synonyms. Only a model that really
 aligns image content with words can retrieve the right caption, so the demo's R@K means something.
+Each sample also has a `tags` member: the five drawn attributes by their canonical names, separated
+by spaces (the object-tag view of ERNIE-ViL 2.0, see wenlan.losses.multiview).
 
     python data_tools/make_demo_data.py --out data/demo [--seed 0] [--n-train 20000] [--n-val 1000]
 
@@ -96,7 +98,7 @@ VOCAB = {
 N_COMBOS = math.prod(len(v) for v in VOCAB.values())
 SPLITS = {"train": 0, "val": 1}  # feeds the per-sample seed so the splits never share draws
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-FORMAT_VERSION = 1  # bump when drawing or captions change, so DONE from an older run is stale
+FORMAT_VERSION = 2  # bump when drawing or captions change, so DONE from an older run is stale (2: tags)
 
 
 def combo_attributes(combo_id: int) -> dict[str, str]:
@@ -200,6 +202,7 @@ def make_sample(split: str, index: int, combo_id: int, seed: int, image_size: in
         "__key__": f"{split}-{index:07d}",
         "jpg": buf.getvalue(),
         "txt": caption.encode("utf-8"),
+        "tags": " ".join(attrs[name] for name in ATTRIBUTES).encode("utf-8"),
         "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"),
     }
 

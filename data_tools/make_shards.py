@@ -245,7 +245,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     paths = expand_manifest_paths(args.manifest)
-    columns = resolve_columns(paths, args.image_col, args.caption_col, args.id_col)
+    columns = resolve_columns(paths, args.image_col, args.caption_col, args.id_col, args.tags_col)
     out = Path(args.out)
     (out / META_DIR).mkdir(parents=True, exist_ok=True)
     (out / "stats").mkdir(exist_ok=True)
@@ -400,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     io_.add_argument("--caption-col", help="caption column (default: the first of caption, text, txt, title)")
     io_.add_argument("--id-col", help="id column, kept in the sample's .json (default: id, key, uid if present); "
                                       "sample keys are always the manifest row number")
+    io_.add_argument("--tags-col", help="object tags column (a list of strings or a space-separated string), written "
+                                        "as each sample's .tags member for ERNIE-ViL 2.0's tag view (default: tags if "
+                                        "present)")
     io_.add_argument("--image-root", help="directory relative image paths are resolved against "
                                           "(default: the first manifest file's directory)")
     io_.add_argument("--prefix", default="train", help="shard name prefix: PREFIX-000000.tar ... (default: train)")
@@ -453,7 +456,7 @@ def parse_args(argv=None):
         p.error("--timeout must be > 0")
     try:
         paths = expand_manifest_paths(a.manifest)
-        resolve_columns(paths, a.image_col, a.caption_col, a.id_col)
+        resolve_columns(paths, a.image_col, a.caption_col, a.id_col, a.tags_col)
     except ManifestError as e:
         p.error(str(e))
     if a.t2s:

@@ -20,6 +20,7 @@ from typing import Iterator
 IMAGE_COLUMNS = ("image", "url", "image_url", "image_path", "path", "filepath", "file", "img")
 CAPTION_COLUMNS = ("caption", "text", "txt", "title")
 ID_COLUMNS = ("id", "key", "uid", "sample_id")
+TAG_COLUMNS = ("tags",)
 BAD_ROW = "__bad_row__"  # a record holding only this key could not be parsed; its value says why
 
 
@@ -69,6 +70,9 @@ class Columns:
     image: str
     caption: str
     id: str | None
+    tags: str | None = None
+    """Object tags (a list of strings, or one string of space-separated tags): written as the sample's
+    ``tags`` member, ERNIE-ViL 2.0's tag view."""
 
 
 def _pick(flag: str, given: str | None, candidates: tuple, names: list[str], path: Path, what: str) -> str | None:
@@ -84,17 +88,20 @@ def _pick(flag: str, given: str | None, candidates: tuple, names: list[str], pat
     return found
 
 
-def resolve_columns(paths: list[Path], image: str | None, caption: str | None, id_: str | None) -> Columns:
+def resolve_columns(paths: list[Path], image: str | None, caption: str | None, id_: str | None,
+                    tags: str | None = None) -> Columns:
     """Columns named by the flags, or found by their usual names; checked against every file."""
     first = column_names(paths[0])
     cols = Columns(
         image=_pick("--image-col", image, IMAGE_COLUMNS, first, paths[0], "image path/URL"),
         caption=_pick("--caption-col", caption, CAPTION_COLUMNS, first, paths[0], "caption"),
         id=_pick("--id-col", id_, ID_COLUMNS, first, paths[0], ""),
+        tags=_pick("--tags-col", tags, TAG_COLUMNS, first, paths[0], ""),
     )
     for path in paths[1:]:
         names = column_names(path)
-        for flag, col in (("--image-col", cols.image), ("--caption-col", cols.caption), ("--id-col", cols.id)):
+        for flag, col in (("--image-col", cols.image), ("--caption-col", cols.caption), ("--id-col", cols.id),
+                          ("--tags-col", cols.tags)):
             if col is not None and col not in names:
                 raise ManifestError(f"{path} lacks column {col!r} that {paths[0]} has ({flag}); its columns are: "
                                     f"{', '.join(names)}. All manifest files must share the columns.")

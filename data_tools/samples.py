@@ -253,6 +253,8 @@ class Prepared:
     source: str
     caption: str
     meta: dict
+    tags: str | None = None
+    """Space-separated tags from the manifest's tags column; None: the sample gets no ``tags`` member."""
 
 
 def prepare_row(row: int, record: dict, cols: Columns, cleaner: CaptionCleaner) -> Prepared:
@@ -268,13 +270,27 @@ def prepare_row(row: int, record: dict, cols: Columns, cleaner: CaptionCleaner) 
     # Extra columns travel in the sample's .json; a name that clashes with ours is kept, renamed.
     meta = {}
     for name, value in record.items():
-        if name in (cols.image, cols.caption, cols.id):
+        if name in (cols.image, cols.caption, cols.id, cols.tags):
             continue
         meta[f"manifest_{name}" if name in RESERVED_JSON else name] = value
     meta.update(row=row, source=source, caption=caption)
     if cols.id is not None and record.get(cols.id) is not None:
         meta["id"] = record[cols.id]
-    return Prepared(row, source, caption, meta)
+    return Prepared(row, source, caption, meta, _tags(record.get(cols.tags)) if cols.tags else None)
+
+
+def _tags(value) -> str | None:
+    """A manifest's tags cell (a list of tags, or a string of space-separated tags) as one string;
+    None where the cell is empty."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        words = value.split()
+    elif isinstance(value, (list, tuple)):
+        words = [w for tag in value for w in str(tag).split()]
+    else:
+        raise Rejected("bad_row", f"tags cell is a {type(value).__name__}; use a list of strings or a string")
+    return " ".join(words) or None
 
 
 def sample_key(row: int) -> str:
@@ -293,4 +309,6 @@ def build_sample(prepared: Prepared, data: bytes, opts: CleanOptions) -> tuple[d
         "txt": prepared.caption.encode("utf-8"),
         "json": json.dumps(meta, ensure_ascii=False, sort_keys=True, default=str).encode("utf-8"),
     }
+    if prepared.tags is not None:
+        sample["tags"] = prepared.tags.encode("utf-8")
     return sample, content_hash(data, prepared.caption)

@@ -30,7 +30,7 @@ def args_for(data, tmp_path, **overrides):
     values.update(overrides)
     argv = []
     for k, v in values.items():
-        argv += [k, *v.split(" ")]
+        argv += [k, *(v.split(" ") if v else [])]  # "": a flag without a value
     return parse_args(argv)
 
 
@@ -91,12 +91,39 @@ def test_queue_warmup_follows_the_lr_warmup_unless_given(tiny_data, tmp_path, mo
     ({"--data-streams": "3"}, "DataConfig.streams=3 is not a multiple of the world size 2"),
     ({"ds": {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 4}}},
      "zero_optimization.stage=4 is not a ZeRO stage; use 0, 1, 2 or 3"),
+    ({"--objective": "ernie-vil2", "--image-views": "1"},
+     "--image-views 1: --objective ernie-vil2 contrasts two augmented views of each image"),
+    ({"--objective": "brivl", "--image-views": "2"},
+     "--image-views 2: --objective brivl reads one view per image"),
+    ({"--objective": "cookie", "--shared-layers": "0"}, "objective.cookie.shared_layers=0"),
+    ({"--shared-layers": "2"}, "--shared-layers 2: only --objective cookie has a transformer shared by both towers"),
+    ({"--objective": "cookie", "--multiview-queue": ""}, "--multiview-queue: only --objective ernie-vil2 takes queues"),
+    ({"--objective": "ernie-vil2", "--multiview-queue": "", "--queue-size": "100"},
+     "queue_size=100 is not a multiple of the global batch 16"),
+    ({"--objective": "ernie-vil2", "--multiview-queue": "", "--queue-mode": "sharded"},
+     "objective.queue_mode='sharded' with ernie-vil2's queue: its queues are replicated only"),
+    ({"--objective": "cookie", "ds": {"train_micro_batch_size_per_gpu": 8, "pipeline": {"stages": 2}}},
+     "--objective cookie with pipeline.stages=2: the pipeline engine passes one image and one caption batch"),
+    ({"--objective": "ernie-vil2", "ds": {"train_micro_batch_size_per_gpu": 8, "pipeline": {"stages": 2}}},
+     "drop the DeepSpeed config's pipeline section (ZeRO-3 scales it) or use --objective brivl|clip"),
 ])
 def test_bad_config_messages(tiny_data, tmp_path, monkeypatch, override, message):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError) as err:
         resolve(args_for(tiny_data, tmp_path, **override))
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("objective", ["ernie-vil2", "cookie"])
+def test_multi_view_objectives_resolve_with_two_views(tiny_data, tmp_path, monkeypatch, objective):
+    """Two views by default; cookie's shared transformer enters the model config (and so every file
+    that rebuilds the model: config.json, checkpoints, exports)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    extra = {"--shared-layers": "2"} if objective == "cookie" else {}
+    cfg = resolve(args_for(tiny_data, tmp_path, **{"--objective": objective, **extra}))
+    assert cfg.image_views == 2 and not cfg.objective.spec.momentum
+    assert cfg.model.shared_layers == (2 if objective == "cookie" else 0)
+    assert resolve(args_for(tiny_data, tmp_path)).image_views == 1
 
 
 def test_train_cli_exits_before_any_process_group(tiny_data, tmp_path):

@@ -419,3 +419,44 @@ def test_train_transform_decoders_agree_and_draws_follow_the_seed():
     with Image.open(io.BytesIO(small)) as a, Image.open(io.BytesIO(small)) as b, Image.open(io.BytesIO(small)) as c:
         assert torch.equal(t(a, seed=3, encoded=small), t(b, seed=3, encoded=small))
         assert not torch.equal(t(a, seed=3), t(c, seed=4))
+
+
+def _is_subsequence(short: list[int], long: list[int]) -> bool:
+    it = iter(long)
+    return all(any(x == y for y in it) for x in short)
+
+
+def test_second_views_follow_the_sample_seed_at_any_world_size(tmp_path, tokenizer):
+    """views=True: a second image view drawn from the sample's own seed (the same samples and draws on
+    1 and 2 ranks; the first view is the one a loader without views gives), and a second textual view:
+    the sample's tags where it has them, else its caption with units dropped."""
+    tagged = {f"s{s}-{i:03d}": {"tags": "红色  圆形".encode()} for s in (0, 1) for i in range(6)}
+    paths = write_shards(tmp_path, [6, 6, 6, 6], bad=tagged)
+    cfg = DataConfig(shards=paths, image_size=16, max_text_len=16, num_workers=0, streams=4, shuffle_window=4,
+                     views=True)
+    one = collect(make_train_loader(cfg, tokenizer, rank=0, world_size=1, global_batch=8, epochs=1))[2]
+    two = [collect(make_train_loader(cfg, tokenizer, rank=r, world_size=2, global_batch=8, epochs=1))[2] for r in (0, 1)]
+    plain = collect(make_train_loader(DataConfig(**{**cfg.__dict__, "views": False}), tokenizer, rank=0,
+                                      world_size=1, global_batch=8, epochs=1))[2]
+    fields = ("images", "colour_maps", "images2", "colour_maps2", "input_ids2", "attention_mask2")
+    for step, batch in enumerate(one):
+        for name in fields:
+            assert torch.equal(torch.cat([two[0][step][name], two[1][step][name]]), batch[name]), (step, name)
+        assert torch.equal(batch["images"], plain[step]["images"]) and "images2" not in plain[step]
+        assert torch.equal(batch["colour_maps"], plain[step]["colour_maps"])
+    images, images2 = (torch.cat([b[k] for b in one]) for k in ("images", "images2"))
+    maps, maps2 = (torch.cat([b[k] for b in one]) for k in ("colour_maps", "colour_maps2"))
+    differ = [not (torch.equal(images[i], images2[i]) and torch.equal(maps[i], maps2[i])) for i in range(len(images))]
+    assert all(differ), "a second view repeated the first view's draws"
+    tags = tokenizer("红色 圆形")["input_ids"]
+    dropped = 0
+    for batch in one:
+        for key, ids, mask, ids2, mask2 in zip(batch["keys"], batch["input_ids"], batch["attention_mask"],
+                                               batch["input_ids2"], batch["attention_mask2"]):
+            caption, text2 = ids[mask.bool()].tolist(), ids2[mask2.bool()].tolist()
+            if short_key(key) in tagged:
+                assert text2 == tags
+            else:  # [CLS] units [SEP]: a subsequence of the caption's units, at least one of them
+                assert len(text2) >= 3 and _is_subsequence(text2[1:-1], caption[1:-1])
+                dropped += len(text2) < len(caption)
+    assert dropped > 0

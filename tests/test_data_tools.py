@@ -455,3 +455,31 @@ def test_verify_detects_truncation_at_member_boundary_without_records(tmp_path):
     path.write_bytes(path.read_bytes()[:cut])
     result = verify_shards.check_shard(str(path), decode=False)
     assert result["error"] and "truncated" in result["error"]
+
+
+def test_tags_column_becomes_the_samples_tag_view(tmp_path):
+    """A manifest's tags column (a list, a space-separated string, or empty) travels as each sample's
+    ``tags`` member, which the loader's second textual view reads; a row without tags gets none, and
+    the loader falls back to its augmented caption."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, tags in enumerate([["红色", "圆形"], "蓝色  方块", None]):
+        path = _save(_smooth_image(rng, 32, 32), tmp_path / f"{i}.jpg", "JPEG")
+        rows.append({"image": str(path), "caption": f"第{i}张图的中间有一个形状，它的颜色和名字写在标签里", **({"tags": tags} if tags else {"tags": ""})})
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "shards"
+    run_tool("--manifest", manifest, "--out", out, "--workers", "1", *FLAGS)
+    samples = samples_by_key(out)
+    assert [s.get("tags") for _, s in sorted(samples.items())] == ["红色 圆形".encode(), "蓝色 方块".encode(), None]
+    assert all("tags" not in json.loads(s["json"]) for s in samples.values())  # not also in the json
+
+    train_tokenizer([r["caption"] for r in rows] + ["红色 圆形 蓝色 方块"], tmp_path / "tok")
+    tokenizer = load_tokenizer(str(tmp_path / "tok"))
+    cfg = DataConfig(shards=[str(p) for p in sorted(out.glob("*.tar"))], image_size=32, num_workers=0,
+                     augment=False, views=True)
+    batch = next(iter(make_eval_loader(cfg, tokenizer)))
+    texts = [tokenizer.decode(ids[mask.bool()][1:-1]).replace(" ", "")
+             for ids, mask in zip(batch["input_ids2"], batch["attention_mask2"])]
+    assert texts[:2] == ["红色圆形", "蓝色方块"]
+    assert texts[2] != "" and texts[2] != rows[2]["caption"]  # the caption with characters dropped

@@ -69,6 +69,13 @@ def test_captions_name_every_attribute(demo_dir):
             assert any(w in caption for w in demo.synonyms(attr, meta[attr])), (attr, caption)
 
 
+def test_tags_are_the_drawn_attributes(demo_dir):
+    """The tag view: the five canonical attribute names, in attribute order, separated by spaces."""
+    for s in read_split(demo_dir, "train") + read_split(demo_dir, "val"):
+        meta = json.loads(s["json"])
+        assert s["tags"].decode().split(" ") == [meta[a] for a in demo.ATTRIBUTES]
+
+
 def test_tokenizer_loads_and_round_trips(demo_dir):
     tok = AutoTokenizer.from_pretrained(str(demo_dir / "tokenizer"))
     assert {tok.pad_token, tok.unk_token, tok.cls_token, tok.sep_token, tok.mask_token} == set(demo.SPECIAL_TOKENS)

@@ -121,3 +121,43 @@ def test_evaluate_embeds_each_image_once_and_scores_every_caption(multi_caption_
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"over 12 images, {len(flat)} captions" in proc.stdout
     assert json.loads(out.read_text()) == pytest.approx(metrics)
+
+
+def test_unimodal_recall_matches_a_per_query_reference(multi_caption_set):
+    """image->image: each image's eval view ranks all images' second views; text->text: each caption
+    ranks all images' second textual views (here the augmented first caption: the set has no tags).
+    Against reference_metrics on embeddings computed here from the same loader's views."""
+    from wenlan.data import DataConfig, make_eval_loader, model_images
+    from wenlan.data.tokenizer import load_tokenizer
+    from wenlan.evaluate import group_rows
+    from wenlan.models import BriVL, get_preset
+    from wenlan.models.init import init_weights
+
+    root, images, captions = multi_caption_set
+    cfg = get_preset("tiny")
+    model = BriVL(cfg, momentum=False)
+    init_weights(model, seed=5)
+    model.eval()
+    tokenizer = load_tokenizer(str(root / "tokenizer"))
+    shards = [str(root / "val-000000.tar")]
+    metrics = evaluate(model, shards, tokenizer, cfg.image.image_size, cfg.text.max_len, batch_size=5, unimodal=True)
+
+    loader = make_eval_loader(DataConfig(shards=shards, batch_size=1000, image_size=cfg.image.image_size,
+                                         max_text_len=cfg.text.max_len, num_workers=0, augment=False, views=True,
+                                         color_augment=False),
+                              tokenizer)
+    batch = next(b for b in loader if b["images"].shape[0])
+    rows, caption_image = group_rows(batch["keys"])
+    assert len(rows) == 12 and not torch.equal(batch["images"][rows], batch["images2"][rows])
+    with torch.no_grad():
+        view1 = model.encode_image(model_images(batch["images"][rows], batch["colour_maps"][rows]))
+        view2 = model.encode_image(model_images(batch["images2"][rows], batch["colour_maps2"][rows]))
+        texts = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        texts2 = model.encode_text(batch["input_ids2"][rows], batch["attention_mask2"][rows])
+    i2i = reference_metrics(view1, view2, list(range(12)))  # its image->text direction: view 1 queries
+    t2t = reference_metrics(texts2, texts, caption_image.tolist())  # its text->image direction: captions query
+    for k in KS:
+        assert metrics[f"r{k}_i2i"] == pytest.approx(i2i[f"r{k}_i2t"], abs=1e-6), k
+        assert metrics[f"r{k}_t2t"] == pytest.approx(t2t[f"r{k}_t2i"], abs=1e-6), k
+    plain = evaluate(model, shards, tokenizer, cfg.image.image_size, cfg.text.max_len, batch_size=5)
+    assert "r1_i2i" not in plain and all(plain[k] == metrics[k] for k in plain)

@@ -83,3 +83,36 @@ def test_peak_table_reads_device_names():
     assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert peak_tflops("NVIDIA A10G") == 70.0
     assert peak_tflops("cpu") is None
+
+
+def test_multi_view_objectives_count_both_views_and_the_shared_transformer():
+    """ernie-vil2 and cookie run two image views and two textual views through the towers, and cookie's
+    shared transformer over both towers' tokens: per sample, twice the towers (the shared layers
+    counted from their shapes by the same hooks) and clip's logits once per weighted view pair."""
+    from dataclasses import replace
+
+    from wenlan.losses.multiview import CookieConfig
+
+    plain = get_preset("tiny")
+    cookie_cfg = replace(plain, shared_layers=2)
+    torch.manual_seed(0)
+    shared_forward, _ = analytic_forward_flops(BriVL(cookie_cfg, momentum=False).eval(), cookie_cfg)
+    plain_forward, _ = analytic_forward_flops(BriVL(plain, momentum=False).eval(), plain)
+    dim, regions, length = plain.image.dim, plain.image.grid ** 2 + 1, plain.text.max_len
+    per_token = 2 * (3 * dim * dim + dim * dim + 2 * dim * plain.image.ffn_dim)  # qkv, proj, feed-forward
+    expected = 2 * sum(n * per_token + 4 * n * n * dim for n in (regions, length))  # 2 layers, both modalities
+    assert shared_forward - plain_forward == expected  # the hooks see exactly the shared layers added
+
+    with_shared, without = tower_flops(cookie_cfg, momentum=False), tower_flops(plain, momentum=False)
+    assert with_shared.online_forward - without.online_forward == pytest.approx(expected, rel=0.05)
+    E, G = plain.embed_dim, 32 * 4
+    cookie = ObjectiveConfig(name="cookie", cookie=CookieConfig(shared_layers=2))
+    assert train_flops_per_sample(cookie_cfg, cookie, 32, 4) == 2 * with_shared.total + 3 * 12 * E * G
+    ernie = ObjectiveConfig(name="ernie-vil2")
+    assert train_flops_per_sample(plain, ernie, 32, 4) == 2 * without.total + 6 * 12 * E * G
+    ernie.ernie_vil2.image_image_weight = 0.0  # a pair without weight is not computed
+    assert train_flops_per_sample(plain, ernie, 32, 4) == 2 * without.total + 5 * 12 * E * G
+    ernie.ernie_vil2.queue, ernie.queue_size = True, 1024  # + the momentum forward of the first views only
+    momentum = tower_flops(plain).momentum_forward
+    assert train_flops_per_sample(plain, ernie, 32, 4) == 2 * without.total + momentum + 5 * 12 * E * G \
+        + 5 * 2 * 4 * E * 1024  # each pair's two directions against a queue: forward + query gradient

@@ -10,6 +10,7 @@ world size and ZeRO stage and ends where the reference ends.
 """
 
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -230,3 +231,32 @@ def test_vit_backbone_under_zero3_equals_one_rank(data, tmp_path):
     reference = exported(outs["zero0"])
     assert reference["image_tower.backbone.net.pos_embed"].shape == (1, 17, 64)  # 4 x 4 patches + class token
     assert_close_per_tensor(reference, exported(outs["zero3"]), "ViT under ZeRO-3")
+
+
+@pytest.mark.parametrize("objective, extra", [("ernie-vil2", []), ("cookie", []),
+                                              ("ernie-vil2", ["--multiview-queue"])],
+                         ids=["ernie-vil2", "cookie", "ernie-vil2-queue"])
+def test_multi_view_objectives_under_zero3_equal_one_rank(data, tmp_path, objective, extra):
+    """The in-batch multi-view objectives, 2-rank ZeRO-3 against 1-rank ZeRO-0 on the same global batch:
+    the same weights (cookie's shared transformer included; with ernie-vil2's queues, its momentum towers
+    and queues too) and gradient norms at every step. The one-rank run takes the global batch as one
+    micro-batch: in-batch InfoNCE contrasts a micro-batch's gathered global batch, so splitting it into
+    accumulated micro-batches would change the negatives. Both runs read their second views from the
+    loader, so they also agree on those draws."""
+    steps, outs = 4, {}
+    for name, ranks, stage, micro in (("zero0", 1, 0, GLOBAL_BATCH), ("zero3", 2, 3, GLOBAL_BATCH // 2)):
+        outs[name] = tmp_path / name
+        launch(ranks, equivalence_args(data, outs[name], ds_config(tmp_path, stage, micro, 1), steps, QUEUE)
+               + ["--objective", objective, *extra])
+    reference, other = exported(outs["zero0"]), exported(outs["zero3"])
+    assert any(k.startswith("shared_encoder.") for k in reference) == (objective == "cookie")
+    assert any(k.startswith(("momentum.", "queue.")) for k in reference) == bool(extra)
+    if extra:  # every step's first-view keys entered the queue
+        assert reference["queue.filled"].item() == steps * GLOBAL_BATCH
+        assert (reference["queue.image"][:steps * GLOBAL_BATCH].norm(dim=1) - 1).abs().max() < 1e-5
+    assert_close_per_tensor(reference, other, f"{objective} {' '.join(extra)} under ZeRO-3")
+    norms = {name: metric_history(out, "grad_norm") for name, out in outs.items()}
+    assert sorted(norms["zero0"]) == sorted(norms["zero3"]) == list(range(1, steps + 1))
+    for step, norm in norms["zero0"].items():
+        assert norms["zero3"][step] == pytest.approx(norm, rel=1e-5), f"step {step}"
+    assert abs(reference["log_scale"].item() - math.log(1 / 0.07)) > 1e-5  # the run trained (lr 3e-5, 4 steps)

@@ -80,6 +80,9 @@ class TrainConfig:
     keep_checkpoints: int | None = None
     """After each save, keep this many complete checkpoints (the one just written and the newest older
     ones) and delete the rest (``wenlan.parallel.checkpoint.prune``); None keeps all."""
+    image_views: int = 1
+    """Image views per sample from the train loader (2: a second augmented view and a second textual
+    view, for ``ernie-vil2`` and ``cookie``)."""
     init_from: str | None = None
     """A file of ``wenlan.export`` or ``wenlan.convert``: a fresh run starts its online towers (and,
     unless --temperature is given, its temperature) from it; the momentum towers start as their copy
@@ -94,7 +97,7 @@ class TrainConfig:
 
 
 def objective_config_from_dict(d: dict) -> ObjectiveConfig:
-    return ObjectiveConfig(**d)
+    return ObjectiveConfig.from_dict(d)
 
 
 def read_deepspeed_config(path: str) -> dict:
@@ -201,6 +204,19 @@ def _check_init_from(path: str, model, objective: ObjectiveConfig, temperature_g
         objective.temperature = math.exp(-towers.log_scale)
 
 
+def _check_views(args, objective: ObjectiveConfig) -> int:
+    """--image-views against what the objective contrasts (default: exactly that)."""
+    needed = 2 if objective.spec.views else 1
+    views = getattr(args, "image_views", None)
+    if views is None or views == needed:
+        return needed
+    if needed == 2:
+        raise ValueError(f"--image-views {views}: --objective {objective.name} contrasts two augmented views of each "
+                         "image (and a second textual view); use --image-views 2 (the default for it)")
+    raise ValueError(f"--image-views {views}: --objective {objective.name} reads one view per image; the second "
+                     "would be decoded and never used. Drop --image-views or use --objective ernie-vil2|cookie")
+
+
 def resolve(args) -> TrainConfig:
     """Command line -> validated TrainConfig. Raises ValueError naming the flag/field and the fix."""
     model = get_preset(args.preset)
@@ -209,6 +225,20 @@ def resolve(args) -> TrainConfig:
         value = getattr(args, key, None)
         if value is not None:
             setattr(objective, key, value)
+    if getattr(args, "multiview_queue", False):
+        if objective.name != "ernie-vil2":
+            raise ValueError(f"--multiview-queue: only --objective ernie-vil2 takes queues as extra negatives (brivl "
+                             f"always has them); drop the flag for --objective {objective.name}")
+        objective.ernie_vil2.queue = True
+    image_views = _check_views(args, objective)
+    shared_layers = getattr(args, "shared_layers", None)
+    if shared_layers is not None and objective.name != "cookie":
+        raise ValueError(f"--shared-layers {shared_layers}: only --objective cookie has a transformer shared by both "
+                         f"towers; drop the flag for --objective {objective.name}")
+    if objective.name == "cookie":
+        if shared_layers is not None:
+            objective.cookie.shared_layers = shared_layers
+        model = dataclasses.replace(model, shared_layers=objective.cookie.shared_layers)
     freeze = tuple(getattr(args, "freeze", None) or ())
     if freeze:
         model = dataclasses.replace(model, freeze=model.freeze + freeze)
@@ -253,6 +283,11 @@ def resolve(args) -> TrainConfig:
     if stages > 1 and checkpointing:
         raise ValueError("--activation-checkpointing applies to the ZeRO path; a pipeline checkpoints its layers with "
                          "the DeepSpeed config's pipeline.activation_checkpoint_interval")
+    if stages > 1 and not objective.spec.pipeline:
+        raise ValueError(f"--objective {objective.name} with pipeline.stages={stages}: the pipeline engine passes one "
+                         "image and one caption batch through the towers' stages, and this objective needs two views "
+                         "per modality" + (" and layers shared by both towers" if objective.name == "cookie" else "") +
+                         "; drop the DeepSpeed config's pipeline section (ZeRO-3 scales it) or use --objective brivl|clip")
     if stages > 1:
         from wenlan.parallel.pipeline import check_stages, partition_method
 
@@ -260,7 +295,7 @@ def resolve(args) -> TrainConfig:
     data_parallel_size = world_size // stages  # each pipeline holds one model replica
     batch = batch_from_deepspeed(ds, data_parallel_size)
     batch.pipeline_stages = stages
-    if objective.name == "brivl":
+    if objective.uses_momentum:
         objective.validate_batch(batch.global_batch, data_parallel_size)
     if not (Path(args.tokenizer) / "tokenizer_config.json").is_file():
         raise ValueError(f"--tokenizer: {args.tokenizer!r} is not a Hugging Face tokenizer directory "
@@ -288,4 +323,4 @@ def resolve(args) -> TrainConfig:
         num_workers=args.num_workers, data_streams=streams, color_augment=not args.no_color_augment, resume=args.resume,
         mlflow_uri=args.mlflow_uri, mlflow_experiment=args.mlflow_experiment, init_from=init_from,
         log_model=getattr(args, "log_model", False),
-        activation_checkpointing=checkpointing, keep_checkpoints=keep)
+        activation_checkpointing=checkpointing, keep_checkpoints=keep, image_views=image_views)

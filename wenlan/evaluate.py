@@ -8,6 +8,11 @@ Each validation image's captions are its only correct matches: one caption (pair
 i), or several (a ``captions`` list in the sample's json). With several, the standard Flickr30K / COCO
 protocol: image -> text counts a hit at K if any of the image's captions is among the top K of all
 captions; text -> image ranks the images for every caption.
+
+Unimodal retrieval (``unimodal=True``, for the objectives that claim unimodal gains; ``--unimodal``):
+image -> image ranks the second views of all images (the training crop, drawn from each image's key)
+for each image's eval view, text -> text ranks the second textual views of all images (the tags, or
+the augmented first caption) for each caption. Keys ``r{K}_i2i`` and ``r{K}_t2t``.
 """
 
 import argparse
@@ -36,12 +41,15 @@ def group_rows(keys: list[str]) -> tuple[list[int], torch.Tensor]:
 
 
 @torch.no_grad()
-def embed_pairs(model, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def embed_pairs(model, loader, second: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """(N, E) embeddings of every val image, (T, E) of every caption, (T,) the image of each caption,
-    and how many samples were skipped. Each image is embedded once, however many captions it has."""
+    and how many samples were skipped. Each image is embedded once, however many captions it has.
+    ``second``: filled with the (N, E) embeddings of each image's second image and text views
+    (``image2``, ``text2``) when the loader gives them."""
     was_training = model.training
     model.eval()
     images, texts, keys, skipped = [], [], set(), 0
+    images2, texts2 = [], []
     all_keys = []
     param = next(model.parameters())
     for batch in loader:
@@ -53,11 +61,18 @@ def embed_pairs(model, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
         if rows:
             pixels = model_images(batch["images"][rows], batch["colour_maps"][rows], param.device, param.dtype)
             images.append(model.encode_image(pixels).float().cpu())
+            if second is not None and "images2" in batch:
+                pixels = model_images(batch["images2"][rows], batch["colour_maps2"][rows], param.device, param.dtype)
+                images2.append(model.encode_image(pixels).float().cpu())
+                texts2.append(model.encode_text(batch["input_ids2"][rows].to(param.device),
+                                                batch["attention_mask2"][rows].to(param.device)).float().cpu())
         texts.append(model.encode_text(batch["input_ids"].to(param.device),
                                        batch["attention_mask"].to(param.device)).float().cpu())
         keys.update(batch["keys"])
         all_keys.extend(batch["keys"])
     model.train(was_training)
+    if second is not None and images2:
+        second.update(image2=torch.cat(images2), text2=torch.cat(texts2))
     return torch.cat(images), torch.cat(texts), group_rows(all_keys)[1], skipped
 
 
@@ -85,12 +100,27 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor,
     return metrics
 
 
+def unimodal_metrics(image_emb: torch.Tensor, image2_emb: torch.Tensor, text_emb: torch.Tensor,
+                     text2_emb: torch.Tensor, caption_image: torch.Tensor) -> dict[str, float]:
+    """R@K image -> image (each image's view against the N second views) and text -> text (each of the T
+    captions against the N second textual views, its image's the one correct)."""
+    i2i = retrieval_metrics(image_emb, image2_emb)  # its "i2t" direction: view 1 queries, view 2 gallery
+    t2t = retrieval_metrics(text2_emb, text_emb, caption_image)  # its "t2i" direction: captions query
+    return {**{f"r{k}_i2i": i2i[f"r{k}_i2t"] for k in KS}, **{f"r{k}_t2t": t2t[f"r{k}_t2i"] for k in KS}}
+
+
 def evaluate(model, val_shards: list[str], tokenizer, image_size: int, max_text_len: int,
-             batch_size: int = 128) -> dict:
+             batch_size: int = 128, unimodal: bool = False, color_augment: bool = False) -> dict:
+    """Cross-modal retrieval metrics, and with ``unimodal`` image->image and text->text ones (the second
+    image view with colour jitter if ``color_augment``)."""
     cfg = DataConfig(shards=list(val_shards), batch_size=batch_size, image_size=image_size,
-                     max_text_len=max_text_len, num_workers=0, augment=False)
-    image_emb, text_emb, caption_image, skipped = embed_pairs(model, make_eval_loader(cfg, tokenizer))
+                     max_text_len=max_text_len, num_workers=0, augment=False, views=unimodal,
+                     color_augment=color_augment)
+    second = {} if unimodal else None
+    image_emb, text_emb, caption_image, skipped = embed_pairs(model, make_eval_loader(cfg, tokenizer), second)
     metrics = retrieval_metrics(image_emb, text_emb, caption_image)
+    if unimodal:
+        metrics.update(unimodal_metrics(image_emb, second["image2"], text_emb, second["text2"], caption_image))
     metrics["skipped"] = skipped
     return metrics
 
@@ -100,6 +130,9 @@ def format_table(m: dict) -> str:
     for d, label in (("i2t", "image->text"), ("t2i", "text->image")):
         rows.append(f"{label:<14}" + "".join(f"{m[f'r{k}_{d}']:>8.3f}" for k in KS))
     over = f"{m['n_pairs']} images, {m['n_captions']} captions" if "n_captions" in m else f"{m['n_pairs']} pairs"
+    for d, label in (("i2i", "image->image"), ("t2t", "text->text")):
+        if f"r1_{d}" in m:
+            rows.append(f"{label:<14}" + "".join(f"{m[f'r{k}_{d}']:>8.3f}" for k in KS))
     rows.append(f"mean recall {m['mean_recall']:.3f} over {over} (mean R@1 {(m['r1_i2t'] + m['r1_t2i']) / 2:.3f})")
     return "\n".join(rows)
 
@@ -112,6 +145,8 @@ def main() -> None:
     parser.add_argument("--val-shards", nargs="+", required=True)
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--unimodal", action="store_true",
+                        help="also image->image (two views of each image) and text->text (caption vs its tags view)")
     parser.add_argument("--out", help="write the metrics as JSON here")
     args = parser.parse_args()
 
@@ -124,7 +159,7 @@ def main() -> None:
         model = load(args.model).model  # the towers; captions are tokenised with --tokenizer either way
         model_cfg = model.cfg
     metrics = evaluate(model, args.val_shards, load_tokenizer(args.tokenizer), model_cfg.image.image_size,
-                       model_cfg.text.max_len, args.batch_size)
+                       model_cfg.text.max_len, args.batch_size, unimodal=args.unimodal)
     print(format_table(metrics))
     if args.out:
         Path(args.out).write_text(json.dumps(metrics, indent=2))

@@ -20,7 +20,10 @@ from safetensors.torch import load_file, safe_open, save_file
 from wenlan.models.brivl import BriVL, ModelConfig, model_config_from_dict
 
 # checkpoint (module) name prefix -> exported name prefix
-ONLINE = {"model.image_tower.": "image_tower.", "model.text_tower.": "text_tower.", "log_scale": "log_scale"}
+ONLINE = {"model.image_tower.": "image_tower.", "model.text_tower.": "text_tower.",
+          "model.shared_encoder.": "shared_encoder.", "log_scale": "log_scale"}
+TOWER_PREFIXES = ("image_tower.", "text_tower.", "shared_encoder.")
+"""The online model's tensors in an exported file (``shared_encoder.``: cookie's shared transformer)."""
 MOMENTUM = {"model.momentum_image_tower.": "momentum.image_tower.",
             "model.momentum_text_tower.": "momentum.text_tower.", "queues.": "queue."}
 
@@ -71,7 +74,7 @@ def load_model_from_checkpoint(checkpoint: Path) -> tuple[BriVL, ModelConfig]:
 
 def tower_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The online towers of exported tensors, named as in BriVL's state dict."""
-    return {k: v for k, v in tensors.items() if k.startswith(("image_tower.", "text_tower."))}
+    return {k: v for k, v in tensors.items() if k.startswith(TOWER_PREFIXES)}
 
 
 class TowerFile(Mapping):
@@ -87,7 +90,7 @@ class TowerFile(Mapping):
             names = list(f.keys())
             self.log_scale = f.get_tensor("log_scale").float().item() if "log_scale" in names else None
             self.shapes = {n: tuple(f.get_slice(n).get_shape()) for n in names
-                           if n.startswith(("image_tower.", "text_tower."))}
+                           if n.startswith(TOWER_PREFIXES)}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.shapes:

@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: only at the end)")
     p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
-    p.add_argument("--objective", default="brivl", choices=["brivl", "clip"])
+    p.add_argument("--objective", default="brivl", choices=["brivl", "clip", "ernie-vil2", "cookie"])
     p.add_argument("--mlflow-uri", default=None, help="tracking URI (default: sqlite next to --output-dir)")
     p.add_argument("--mlflow-experiment", default="wenlan")
     p.add_argument("--log-model", action="store_true",
@@ -66,6 +66,12 @@ def parse_args(argv=None):
                    help="freeze online parameters whose names match these globs, e.g. 'text_tower.bert.*'")
     p.add_argument("--keep-checkpoints", type=int, default=None, metavar="N",
                    help="after each save keep the N newest complete checkpoints, delete older ones (default: all)")
+    p.add_argument("--image-views", type=int, default=None, choices=[1, 2],
+                   help="image views per sample (default: 2 for ernie-vil2 and cookie, 1 otherwise)")
+    p.add_argument("--shared-layers", type=int, default=None,
+                   help="cookie: layers of the transformer shared by both towers (default 1)")
+    p.add_argument("--multiview-queue", action="store_true",
+                   help="ernie-vil2: momentum towers and negative queues as extra negatives (--queue-size etc.)")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
     return p.parse_args(argv)
 
@@ -156,7 +162,7 @@ def train_batches(cfg: TrainConfig, tokenizer, strategy, position: dict | None):
 
     data = DataConfig(shards=cfg.train_shards, image_size=cfg.model.image.image_size,
                       max_text_len=cfg.model.text.max_len, num_workers=cfg.num_workers, seed=cfg.seed,
-                      color_augment=cfg.color_augment, streams=cfg.data_streams,
+                      color_augment=cfg.color_augment, streams=cfg.data_streams, views=cfg.image_views == 2,
                       pin_memory=strategy.device.type == "cuda")
     return iter(make_train_loader(data, tokenizer, rank=strategy.data_parallel_rank,
                                   world_size=cfg.batch.data_parallel_size, global_batch=cfg.batch.global_batch,

@@ -17,7 +17,9 @@ shard]. Every step batch carries its streams' positions after the step; a loader
 continues exactly: the windows before the cursor are passed over in the tar without being read, and
 the cursor's window is re-read and re-shuffled. Augmentation draws from a generator seeded per sample
 (seed, epoch, shard, index in shard), so it is the same at any world size or worker count and after a
-resume. Bad samples are skipped and counted by reason; they use up positions like good ones.
+resume; with DataConfig.views the second image view and the second textual view draw from generators
+seeded from the same sample seed. Bad samples are skipped and counted by reason; they use up
+positions like good ones.
 
 Workers. DataLoader worker j of a rank serves the rank's streams j, j + workers, ... and yields one
 item per step (its streams' blocks); the DataLoader returns the workers' items round robin, and
@@ -45,7 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from wenlan.data.index import ShardCounts, balanced_split, shard_counts
 from wenlan.data.shards import ShardLost, _is_local, expand_shards, missing_local_shards, tar_samples
-from wenlan.data.transforms import NORMALISE, TrainTransform, eval_transform, train_transform
+from wenlan.data.transforms import NORMALISE, TrainTransform, augment_caption, eval_transform, train_transform
 
 # The tokenizer runs inside forked DataLoader workers; its own thread pool would be unsafe there.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -103,6 +105,13 @@ class DataConfig:
     max_image_pixels: int = PIL_MAX_IMAGE_PIXELS
     index: str | None = "auto"
     pin_memory: bool = False
+    views: bool = False
+    """Also a second view of every sample (for the multi-view objectives): ``images2`` /
+    ``colour_maps2``, the image through the training augmentation again with its own draws, and
+    ``input_ids2`` / ``attention_mask2``, the sample's tags (a ``tags`` member: words separated by
+    spaces) or, where a sample has none, its caption through ``augment_caption``. In the eval loader
+    the second image view is the training crop (with colour jitter if ``color_augment``), drawn from
+    the sample's key, so an evaluation is repeatable."""
 
     def __post_init__(self):
         if isinstance(self.shards, str):
@@ -203,6 +212,25 @@ def _caption(fields: dict[str, bytes]) -> str:
     if not caption:
         raise _Bad("empty caption")
     return caption
+
+
+def _text_view(fields: dict[str, bytes], caption: str, seed: int) -> str:
+    """The sample's second textual view: its tags, else its caption through augment_caption."""
+    tags = fields.get("tags")
+    if tags is not None:
+        try:
+            text = " ".join(tags.decode("utf-8").split())
+        except UnicodeDecodeError:
+            raise _Bad("tags not utf-8") from None
+        if text:
+            return text
+    return augment_caption(caption, random.Random(_seed_of(seed, "text view")))
+
+
+def _second_view(fields: dict[str, bytes], transform, max_pixels: int, seed: int, caption: str) -> tuple:
+    """(pixels, colour map) of the image's second view and the second textual view of ``caption``."""
+    image, _ = _decode(fields, transform, max_pixels, _seed_of(seed, "image view"), all_captions=True)
+    return image, _text_view(fields, caption, seed)
 
 
 def _eval_captions(fields: dict[str, bytes]) -> list[str]:
@@ -361,16 +389,19 @@ class _Stream:
                         break
                     raw_index, key, fields = got
                     self.sample += 1
-                    seed = _seed_of(cfg.seed, self.epoch, index, raw_index) if cfg.augment else None
+                    sample_seed = _seed_of(cfg.seed, self.epoch, index, raw_index)
+                    seed = sample_seed if cfg.augment else None
                     try:
                         image, caption = _decode(fields, self.transform, cfg.max_image_pixels, seed)
+                        second = () if not cfg.views else _second_view(
+                            fields, self.transform, cfg.max_image_pixels, _seed_of(sample_seed, "views"), caption)
                     except _Bad as e:
                         self.skip_log.sample(url, key, e)
                         yield None, e.reason
                         continue
                     whole = False
                     barren.clear()
-                    yield (f"{url}#{key}", image, caption), None
+                    yield (f"{url}#{key}", image, caption, *second), None
                 else:  # the shard's clean end (no ShardLost): self.sample is its sample count
                     self.plan.check_read(index, url, self.sample)
                 if whole:
@@ -405,21 +436,28 @@ def _images(images: list, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([p.permute(1, 2, 0) for p in pixels]).permute(0, 3, 1, 2), torch.stack(maps)
 
 
+def _tokens(texts: list[str], tokenizer, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) token ids and attention mask, padded to ``text_len``."""
+    if not texts:
+        return torch.zeros(0, text_len, dtype=torch.long), torch.zeros(0, text_len, dtype=torch.long)
+    tok = tokenizer(texts, padding="max_length", truncation=True, max_length=text_len, return_tensors="pt")
+    return tok["input_ids"].long(), tok["attention_mask"].long()
+
+
 def _collate(items: list, skipped: Counter, tokenizer, text_len: int,
-             images: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
-    if items:
-        keys, _, captions = zip(*items)
-        tok = tokenizer(list(captions), padding="max_length", truncation=True, max_length=text_len,
-                        return_tensors="pt")
-        ids, mask = tok["input_ids"].long(), tok["attention_mask"].long()
-    else:
-        keys, ids, mask = (), torch.zeros(0, text_len, dtype=torch.long), torch.zeros(0, text_len, dtype=torch.long)
+             images: tuple[torch.Tensor, torch.Tensor] | None, views: bool = False) -> dict:
+    """Items (key, image, caption[, image2, text2]) -> a batch; with ``views`` also the second textual
+    view's tokens (the second images travel with the first, see ``_images``)."""
+    keys = [item[0] for item in items]
+    ids, mask = _tokens([item[2] for item in items], tokenizer, text_len)
     batch = {} if images is None else {"images": images[0], "colour_maps": images[1]}  # (B, 3, S, S), (B, 3, 7)
+    if views:
+        batch["input_ids2"], batch["attention_mask2"] = _tokens([item[4] for item in items], tokenizer, text_len)
     return {
         **batch,
         "input_ids": ids,  # (B, L)
         "attention_mask": mask,  # (B, L)
-        "keys": list(keys),
+        "keys": keys,
         "skipped": dict(skipped),
     }
 
@@ -465,15 +503,19 @@ class _RankStreams(IterableDataset):
         mine = [_Stream(c, self.plan, self.urls, self.cfg, self.transform, self.start[c], self.epochs, skip_log)
                 for c in self.streams[worker::n_workers]]
         while True:
-            blocks, images = {}, []
+            blocks, images, images2 = {}, [], []
             for s in mine:
                 items, skipped = s.block(self.block_size)
                 images += [item[1] for item in items]
-                blocks[s.index] = _collate(items, skipped, self.tokenizer, self.cfg.max_text_len, None)
+                images2 += [item[3] for item in items if self.cfg.views]
+                blocks[s.index] = _collate(items, skipped, self.tokenizer, self.cfg.max_text_len, None, self.cfg.views)
                 blocks[s.index]["position"] = s.position
             last = all(s.exhausted for s in mine)
             pixels, maps = _images(images, self.cfg.image_size)
-            yield {"worker": worker, "last": last, "blocks": blocks, "images": pixels, "colour_maps": maps}
+            item = {"worker": worker, "last": last, "blocks": blocks, "images": pixels, "colour_maps": maps}
+            if self.cfg.views:
+                item["images2"], item["colour_maps2"] = _images(images2, self.cfg.image_size)
+            yield item
             if last:
                 return
 
@@ -504,23 +546,24 @@ class TrainLoader:
                 raise RuntimeError(f"data workers out of step: expected items of {active}, got {[g['worker'] for g in got]}")
             blocks = {c: b for g in got for c, b in g["blocks"].items()}
             parts = [blocks[c] for c in streams if c in blocks]  # stream order = global batch order
+            pixel_keys = [k for k in ("images", "colour_maps", "images2", "colour_maps2") if k in got[0]]
             if len(got) == 1:  # one worker's blocks: already one tensor in stream order
-                images, maps = got[0]["images"], got[0]["colour_maps"]
+                pixels = {k: got[0][k] for k in pixel_keys}
             else:
                 for g in got:
                     at = 0
                     for b in g["blocks"].values():
                         rows, at = slice(at, at + len(b["keys"])), at + len(b["keys"])
-                        b["images"], b["colour_maps"] = g["images"][rows], g["colour_maps"][rows]
-                images = _cat([b["images"] for b in parts], pin)
-                maps = _cat([b["colour_maps"] for b in parts], pin)
+                        b.update({k: g[k][rows] for k in pixel_keys})
+                pixels = {k: _cat([b[k] for b in parts], pin) for k in pixel_keys}
+            views = {k: _cat([b[k] for b in parts], pin) for k in ("input_ids2", "attention_mask2") if k in parts[0]}
             skipped = Counter()
             for c, b in blocks.items():
                 skipped.update(b["skipped"])
                 position[c] = b["position"]
             yield {
-                "images": images,  # (G/W, 3, S, S) uint8
-                "colour_maps": maps,  # (G/W, 3, 7)
+                **pixels,  # images (G/W, 3, S, S) uint8, colour_maps (G/W, 3, 7); images2, colour_maps2 too with views
+                **views,  # input_ids2, attention_mask2 (G/W, L) with views
                 "input_ids": _cat([b["input_ids"] for b in parts], pin),  # (G/W, L)
                 "attention_mask": _cat([b["attention_mask"] for b in parts], pin),  # (G/W, L)
                 "keys": [k for b in parts for k in b["keys"]],
@@ -604,6 +647,7 @@ class _EvalPass(IterableDataset):
     def __init__(self, cfg: DataConfig, tokenizer, urls: list[str]):
         self.cfg, self.tokenizer, self.urls = cfg, tokenizer, urls
         self.transform = eval_transform(cfg.image_size)
+        self.view_transform = train_transform(cfg.image_size, color_augment=cfg.color_augment) if cfg.views else None
 
     def __iter__(self):
         worker, n_workers = _worker()
@@ -618,12 +662,15 @@ class _EvalPass(IterableDataset):
                 key, fields = got
                 try:
                     image, captions = _decode(fields, self.transform, cfg.max_image_pixels, None, all_captions=True)
+                    seed = _seed_of(cfg.seed, "eval", key)  # the same views at every evaluation
+                    second = () if not cfg.views else \
+                        _second_view(fields, self.view_transform, cfg.max_image_pixels, seed, captions[0])
                 except _Bad as e:
                     skip_log.sample(url, key, e)
                     skipped[e.reason] += 1
                     continue
                 for caption in captions:  # one row per (image, caption): rows of one image share its key
-                    pending.append((f"{url}#{key}", image, caption))
+                    pending.append((f"{url}#{key}", image, caption, *second))
                     if len(pending) == cfg.batch_size:
                         yield self._batch(pending, skipped)
                         pending, skipped = [], Counter()
@@ -632,7 +679,10 @@ class _EvalPass(IterableDataset):
 
     def _batch(self, pending: list, skipped: Counter) -> dict:
         images = _images([item[1] for item in pending], self.cfg.image_size)
-        return _collate(pending, skipped, self.tokenizer, self.cfg.max_text_len, images)
+        batch = _collate(pending, skipped, self.tokenizer, self.cfg.max_text_len, images, self.cfg.views)
+        if self.cfg.views:
+            batch["images2"], batch["colour_maps2"] = _images([item[3] for item in pending], self.cfg.image_size)
+        return batch
 
 
 def make_eval_loader(cfg: DataConfig, tokenizer) -> DataLoader:
@@ -641,7 +691,8 @@ def make_eval_loader(cfg: DataConfig, tokenizer) -> DataLoader:
     the sample's key (``wenlan.evaluate.group_rows`` turns them into images and their captions).
 
     Batches {"images", "colour_maps", "input_ids", "attention_mask", "keys", "skipped": {reason: count}}
-    (as make_train_loader's; the colour maps are the normalisation alone) of
+    (as make_train_loader's; the colour maps are the normalisation alone; with cfg.views the second
+    views too, the second textual view made from an image's first caption and repeated on its rows) of
     cfg.batch_size, the last one short; skips after the last good sample arrive in a final batch with
     B == 0 (add batch["skipped"], then skip empty batches). With one worker (or none) batches follow
     shard order exactly; with more, workers take every n-th shard and their batches interleave in a

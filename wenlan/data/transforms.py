@@ -233,6 +233,23 @@ class TrainTransform:
         return model_images(pixels[None], colours[None])[0]
 
 
+CAPTION_DROP = 0.2
+"""A caption's second textual view where a sample has no tags: each unit (a whitespace-separated word,
+or a character in text without spaces, as Chinese captions are) is dropped with this probability."""
+
+
+def augment_caption(caption: str, rng: random.Random) -> str:
+    """The caption with random units deleted (EDA's random deletion, at ``CAPTION_DROP``): a second
+    textual view that keeps most of the words, drawn from the sample's own generator. At least one
+    unit survives."""
+    spaced = any(c.isspace() for c in caption.strip())
+    units = caption.split() if spaced else list(caption)
+    kept = [u for u in units if rng.random() >= CAPTION_DROP]
+    if not kept:
+        kept = [units[rng.randrange(len(units))]]
+    return (" " if spaced else "").join(kept)
+
+
 def _hwc(image: Image.Image) -> torch.Tensor:
     """A decoded RGB PIL image as uint8 # (3, H, W) (a view of its H x W x 3 bytes)."""
     data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)

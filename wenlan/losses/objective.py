@@ -3,11 +3,16 @@
 ``brivl``: cross-modal MoCo. Image queries are scored against momentum text keys (this batch's, then
 the text queue) and text queries against momentum image keys; loss = i2t + t2i as in BriVL.
 ``clip``: in-batch InfoNCE over the global batch, no momentum towers and no queues.
+``ernie-vil2`` and ``cookie``: multi-view in-batch objectives (``wenlan.losses.multiview``): two image
+views and two textual views per sample; ``cookie`` adds a weight-sharing transformer to the model.
+
+``OBJECTIVES`` says what each objective needs from the rest of the stack; ``ObjectiveConfig`` holds the
+options of ``brivl`` and ``clip`` and one config dataclass per multi-view objective.
 """
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,10 +20,35 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from wenlan.losses.infonce import batch_exclusion, clip_loss, info_nce, queue_logsumexp
+from wenlan.losses.multiview import VIEWS, CookieConfig, ErnieVil2Config, multiview_objective
 from wenlan.losses.queue import KeyGather, KeyQueues, all_gather_single, reduce_scatter_single
 
 if TYPE_CHECKING:  # the losses need no model code; importing the towers (timm) costs seconds per process
     from wenlan.models.brivl import BriVL
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """What an objective needs from the model, the data and the engines."""
+
+    momentum: bool
+    """Momentum (key) towers and negative queues."""
+    views: bool
+    """A second image view and a second textual view per sample (``wenlan.losses.multiview``)."""
+    unimodal: bool
+    """Claims unimodal gains: evaluation adds image->image and text->text retrieval."""
+    pipeline: bool
+    """Runs on the pipeline engine. The pipeline's stages pass one image batch and one caption batch
+    through the towers' blocks; two views per modality, or layers shared by both towers (which sit on
+    different stages), do not fit that layout."""
+
+
+OBJECTIVES = {
+    "brivl": ObjectiveSpec(momentum=True, views=False, unimodal=False, pipeline=True),
+    "clip": ObjectiveSpec(momentum=False, views=False, unimodal=False, pipeline=True),
+    "ernie-vil2": ObjectiveSpec(momentum=False, views=True, unimodal=True, pipeline=False),
+    "cookie": ObjectiveSpec(momentum=False, views=True, unimodal=True, pipeline=False),
+}
 
 
 @dataclass
@@ -27,7 +57,8 @@ class ObjectiveConfig:
     (pretrained backbones) used in_batch_negatives=False, fixed temperature, constant momentum."""
 
     name: str = "brivl"
-    """``brivl`` (momentum encoders + queues) or ``clip`` (in-batch, the baseline)."""
+    """``brivl`` (momentum encoders + queues), ``clip`` (in-batch, the baseline), ``ernie-vil2`` or
+    ``cookie`` (multi-view, in-batch); see ``OBJECTIVES``."""
     queue_size: int = 4096
     """Negatives per queue; a multiple of the global batch, so a step's keys never straddle the end."""
     queue_mode: str = "replicated"
@@ -53,6 +84,32 @@ class ObjectiveConfig:
     "The objective and the cold start"). The keys still enter the queue during the warm-up."""
     mask_duplicates: bool = True
     """Mask negatives whose sample id equals the query's (copies of the positive, e.g. same caption)."""
+    ernie_vil2: ErnieVil2Config = field(default_factory=ErnieVil2Config)
+    """``ernie-vil2``'s pair weights (unused by the other objectives)."""
+    cookie: CookieConfig = field(default_factory=CookieConfig)
+    """``cookie``'s shared transformer depth and term weights (unused by the other objectives)."""
+
+    @property
+    def spec(self) -> ObjectiveSpec:
+        return OBJECTIVES[self.name]
+
+    @property
+    def uses_momentum(self) -> bool:
+        """Momentum towers and queues: brivl's, or ernie-vil2's with its ``queue`` option."""
+        return self.spec.momentum or (self.name == "ernie-vil2" and self.ernie_vil2.queue)
+
+    def view_pairs(self) -> dict[tuple[str, str], float]:
+        """The weighted view pairs of a multi-view objective."""
+        return (self.ernie_vil2 if self.name == "ernie-vil2" else self.cookie).pairs()
+
+    @staticmethod
+    def from_dict(d: dict) -> "ObjectiveConfig":
+        """The inverse of ``dataclasses.asdict`` (config.json, checkpoints); configs written before the
+        multi-view objectives existed have neither of their sections."""
+        d = dict(d)
+        d["ernie_vil2"] = ErnieVil2Config(**d.get("ernie_vil2", {}))
+        d["cookie"] = CookieConfig(**d.get("cookie", {}))
+        return ObjectiveConfig(**d)
 
     def momentum_at(self, step: int, max_steps: int) -> float:
         if self.momentum_start is None or max_steps <= 1:
@@ -64,14 +121,29 @@ class ObjectiveConfig:
         """Matmul FLOPs of the logits per sample (forward and backward, both directions), once the queue
         is in use. ``brivl``: each query against the micro-batch's keys and the queue (keys and queue
         take no gradient): 2 directions x (forward + query gradient) x 2 E (B + K). ``clip``: each
-        embedding against the gathered global batch G, gradients to both sides: 2 x 3 x 2 E G."""
+        embedding against the gathered global batch G, gradients to both sides: 2 x 3 x 2 E G.
+        ``ernie-vil2`` and ``cookie``: clip's count for each weighted view pair; with queues, each
+        query's queue logits too (forward and query gradient, 2 x 2 E K per query and direction)."""
         if self.name == "clip":
             return 12 * embed_dim * micro_batch * data_parallel_size
+        if self.spec.views:
+            pairs = sum(1 for weight in self.view_pairs().values() if weight)
+            queue = pairs * 2 * 4 * embed_dim * self.queue_size if self.uses_momentum else 0
+            return pairs * 12 * embed_dim * micro_batch * data_parallel_size + queue
         return 8 * embed_dim * (micro_batch + self.queue_size)
 
     def validate(self) -> None:
-        if self.name not in ("brivl", "clip"):
-            raise ValueError(f"--objective: unknown objective {self.name!r}; use brivl or clip")
+        if self.name not in OBJECTIVES:
+            raise ValueError(f"--objective: unknown objective {self.name!r}; use one of {', '.join(OBJECTIVES)}")
+        if self.spec.views and not any(self.view_pairs().values()):
+            raise ValueError(f"--objective {self.name}: every pair weight in objective.{self.name.replace('-', '_')} "
+                             "is 0; give at least one pair a weight")
+        if self.name == "ernie-vil2" and self.ernie_vil2.queue and self.queue_mode != "replicated":
+            raise ValueError(f"objective.queue_mode={self.queue_mode!r} with ernie-vil2's queue: its queues are "
+                             "replicated only; use --queue-mode replicated")
+        if self.name == "cookie" and self.cookie.shared_layers < 1:
+            raise ValueError(f"objective.cookie.shared_layers={self.cookie.shared_layers}: COOKIE's shared "
+                             "transformer needs at least 1 layer (--shared-layers)")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"objective.momentum={self.momentum} must be in [0, 1)")
         if self.temperature <= 0 or self.min_temperature <= 0:
@@ -85,7 +157,7 @@ class ObjectiveConfig:
     def validate_batch(self, global_batch: int, data_parallel_size: int) -> None:
         """Queue size against the batch arithmetic (global batch = micro batch x grad accumulation x
         data-parallel size), before any process group starts."""
-        if self.name != "brivl":
+        if not self.uses_momentum:
             return
         k, g = self.queue_size, global_batch
         if k % g:
@@ -152,7 +224,7 @@ class ContrastivePretraining(nn.Module):
         # log(1/T) ~ 2.7-4.6 moves in steps of 1/64-1/32, i.e. the scale in 0.8-1.6% jumps.
         self.register_buffer("log_scale_master", torch.empty(0), persistent=False)
         self.queues = self.gather = None
-        if cfg.name == "brivl":
+        if cfg.uses_momentum:
             shard, num_shards = 0, 1
             if cfg.queue_mode == "sharded" and dist.is_available() and dist.is_initialized():
                 shard, num_shards = dist.get_rank(group), dist.get_world_size(group)
@@ -174,10 +246,26 @@ class ContrastivePretraining(nn.Module):
         self.log_scale_master = torch.empty(0, device=self.log_scale.device) if value is None else \
             value.detach().float().reshape(1).to(self.log_scale.device)
 
-    def forward(self, images, input_ids, attention_mask, ids, use_queue: bool = True) -> torch.Tensor:
+    def forward(self, images, input_ids, attention_mask, ids, use_queue: bool = True, views=None) -> torch.Tensor:
         """This rank's loss for one micro-batch. The queues change only after the step's last
-        backward (``KeyQueues.enqueue``): the loss graph still reads them."""
-        embeddings = self.model(images, input_ids, attention_mask, with_keys=self.cfg.name == "brivl")
+        backward (``KeyQueues.enqueue``): the loss graph still reads them. ``views``: the second image
+        and text views (images2, input_ids2, attention_mask2) of a multi-view objective."""
+        if self.cfg.spec.views:
+            embeddings = self.model.encode_views(images, views[0], input_ids, attention_mask, *views[1:])
+            queues = None
+            if self.queues is not None:
+                with torch.no_grad():  # the keys of the first views enter the queues after the step
+                    img_k = self.model.momentum_image_tower(images)  # (B, E)
+                    txt_k = self.model.momentum_text_tower(input_ids, attention_mask)  # (B, E)
+                self.gather.add(img_k, txt_k, ids)
+                if use_queue:
+                    image_queue, text_queue, queue_ids = self.queues.live()  # (n, E), (n, E), (n,)
+                    dup = (queue_ids, ids) if self.cfg.mask_duplicates else (None, None)
+                    queues = (image_queue, text_queue, *dup)
+            loss, stats = multiview_objective(dict(zip(VIEWS, embeddings)),
+                                              self.cfg.view_pairs(), self.scale(), self.group, queues)
+            return self._count(loss, stats)
+        embeddings = self.model(images, input_ids, attention_mask, with_keys=self.cfg.spec.momentum)
         return self.objective(*embeddings, ids, use_queue)
 
     def objective(self, img_q, txt_q, img_k, txt_k, ids, use_queue: bool = True) -> torch.Tensor:
@@ -189,6 +277,9 @@ class ContrastivePretraining(nn.Module):
             loss, stats = queue_objective(img_q, txt_q, img_k, txt_k, ids, self.queues, self.scale(), self.cfg,
                                           use_queue, self.group)
             self.gather.add(img_k, txt_k, ids)
+        return self._count(loss, stats)
+
+    def _count(self, loss: torch.Tensor, stats: dict) -> torch.Tensor:
         sums = torch.stack([loss.detach().float(), stats["acc_i2t"].float(),
                             stats["temperature"].float().reshape(()), torch.ones((), device=loss.device)])
         self._totals = sums if self._totals is None else self._totals + sums

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from wenlan.models.shared import SharedEncoder
 from wenlan.models.towers import ImageTower, ImageTowerConfig, TextTower, TextTowerConfig
 
 
@@ -25,6 +26,10 @@ class ModelConfig:
     """Globs over the online towers' parameter names (``image_tower.backbone.*``, ``text_tower.bert.*``):
     matching parameters are frozen, on top of the towers' ``trainable_prefixes`` and
     ``trainable_bert_layers``. Frozen parameters get no gradient and no optimizer state."""
+    shared_layers: int = 0
+    """COOKIE's weight-sharing transformer (``wenlan.models.shared``): this many attention layers, of the
+    image tower's width, heads and feed-forward size, run over both towers' token features before
+    pooling. 0: none (set from ``--objective cookie``'s ``cookie.shared_layers``)."""
 
 
 KEY_TOWER = "momentum_"
@@ -59,7 +64,8 @@ def model_config_from_dict(d: dict) -> ModelConfig:
     if image.get("trainable_prefixes") is not None:
         image["trainable_prefixes"] = tuple(image["trainable_prefixes"])
     return ModelConfig(image=ImageTowerConfig(**image), text=TextTowerConfig(**d["text"]),
-                       embed_dim=d["embed_dim"], freeze=tuple(d.get("freeze", ())))
+                       embed_dim=d["embed_dim"], freeze=tuple(d.get("freeze", ())),
+                       shared_layers=d.get("shared_layers", 0))
 
 
 def freeze_matching(model: nn.Module, patterns: tuple[str, ...]) -> None:
@@ -102,6 +108,7 @@ class BriVL(nn.Module):
         self.cfg = cfg
         self.image_tower = ImageTower(cfg.image, cfg.embed_dim)
         self.text_tower = TextTower(cfg.text, cfg.embed_dim)
+        self.shared_encoder = SharedEncoder(cfg.image, cfg.text, cfg.shared_layers) if cfg.shared_layers else None
         freeze_matching(self, cfg.freeze)
         self.momentum_image_tower = self.momentum_text_tower = None
         if momentum:
@@ -129,15 +136,25 @@ class BriVL(nn.Module):
                 yield prefix + name, p, q
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return self.image_tower(images)  # (B, E)
+        shared = self.shared_encoder.image if self.shared_encoder is not None else None
+        return self.image_tower(images, shared)  # (B, E)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.text_tower(input_ids, attention_mask)  # (B, E)
+        shared = self.shared_encoder.text if self.shared_encoder is not None else None
+        return self.text_tower(input_ids, attention_mask, shared)  # (B, E)
+
+    def encode_views(self, images, images2, input_ids, attention_mask, input_ids2, attention_mask2):
+        """Two image views and two text views of a batch, each modality in one pass of its tower (the
+        views stacked along the batch): (B, E) each of image view 1, image view 2, caption, text view 2."""
+        B = images.shape[0]
+        img = self.encode_image(torch.cat([images, images2]))  # (2B, E)
+        txt = self.encode_text(torch.cat([input_ids, input_ids2]), torch.cat([attention_mask, attention_mask2]))  # (2B, E)
+        return img[:B], img[B:], txt[:B], txt[B:]
 
     def forward(self, images, input_ids, attention_mask, with_keys: bool = True):
         """Online queries (with grad) and, if asked, momentum keys (without) for a batch."""
-        img_q = self.image_tower(images)  # (B, E)
-        txt_q = self.text_tower(input_ids, attention_mask)  # (B, E)
+        img_q = self.encode_image(images)  # (B, E)
+        txt_q = self.encode_text(input_ids, attention_mask)  # (B, E)
         if not with_keys:
             return img_q, txt_q, None, None
         with torch.no_grad():

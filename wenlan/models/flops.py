@@ -63,15 +63,19 @@ def tower_flops(cfg: "ModelConfig", momentum: bool = True) -> TowerFlops:
     images = torch.zeros(1, 3, size, size, device="meta")
     input_ids = torch.zeros(1, length, dtype=torch.long, device="meta")
     mask = torch.ones(1, length, dtype=torch.long, device="meta")
+    shared = model.shared_encoder
     with FlopCounterMode(display=False) as counter:
         # The towers' blocks compute their forward and, unlike BERT's own forward, read no mask value
-        # (there are none on the meta device).
-        image = images
-        for block in model.image_tower.blocks():
-            image = block.run(image)  # ends (1, E)
-        text = None
-        for block in model.text_tower.blocks():
-            text = block.run(text, input_ids, mask)  # ends (1, E)
+        # (there are none on the meta device). A shared transformer runs before each tower's last block
+        # (its pooling and head), as in BriVL.encode_image / encode_text.
+        image, blocks = images, model.image_tower.blocks()
+        for block in blocks[:-1]:
+            image = block.run(image)  # ends (1, R, dim)
+        image = blocks[-1].run(shared.image(image) if shared is not None else image)  # (1, E)
+        text, blocks = None, model.text_tower.blocks()
+        for block in blocks[:-1]:
+            text = block.run(text, input_ids, mask)  # ends (1, L, H)
+        text = blocks[-1].run(shared.text(text, mask) if shared is not None else text, input_ids, mask)  # (1, E)
     forward = counter.get_total_flops()
     backward = 0
     loss = image.sum() + text.sum()
@@ -87,10 +91,14 @@ def tower_flops(cfg: "ModelConfig", momentum: bool = True) -> TowerFlops:
 
 def train_flops_per_sample(cfg: "ModelConfig", objective: "ObjectiveConfig", micro_batch: int,
                            data_parallel_size: int) -> int:
-    """Everything one training sample costs: the towers' forward and backward, the momentum forward,
-    and the objective's logits at this batch layout (in-batch candidates depend on it)."""
-    towers = tower_flops(cfg, momentum=objective.name == "brivl")
-    return towers.total + objective.logits_flops_per_sample(cfg.embed_dim, micro_batch, data_parallel_size)
+    """Everything one training sample costs: the towers' forward and backward (twice for the multi-view
+    objectives: two image views and two textual views per sample; cookie's shared transformer is part
+    of ``cfg``), the momentum forward, and the objective's logits at this batch layout (in-batch
+    candidates depend on it)."""
+    towers = tower_flops(cfg, momentum=objective.uses_momentum)
+    views = 2 if objective.spec.views else 1  # the momentum towers embed the first views only
+    online = towers.online_forward + towers.online_backward
+    return views * online + towers.momentum_forward + objective.logits_flops_per_sample(cfg.embed_dim, micro_batch, data_parallel_size)
 
 
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (

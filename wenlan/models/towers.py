@@ -263,11 +263,23 @@ class ImageTower(nn.Module):
     def blocks(self) -> list[Block]:
         return [Block(tuple(f"backbone.{o}" for o in b.owns), b.run) for b in self.backbone.blocks()] + self._own_blocks()
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The region features after the tower's attention layers, before pooling: (B, R, dim)."""
         x = self.backbone(images)  # (B, C, h, w)
-        for block in self._own_blocks():
+        for block in self._own_blocks()[:-1]:
             x = block.run(x)
-        return x  # (B, E)
+        return x  # (B, R, dim)
+
+    def embed(self, regions: torch.Tensor) -> torch.Tensor:
+        """Pooled, projected and L2-normalised region features: (B, R, dim) -> (B, E)."""
+        return self._embed(regions)
+
+    def forward(self, images: torch.Tensor, shared: Callable | None = None) -> torch.Tensor:
+        """``shared``: layers run on the region features before pooling (COOKIE's shared transformer).
+        Called inside this forward, which under ZeRO-3 is where the tower's own parameters (the region
+        position embedding) are gathered."""
+        regions = self.tokens(images)  # (B, R, dim)
+        return self.embed(shared(regions) if shared is not None else regions)  # (B, E)
 
 
 class TextTower(nn.Module):
@@ -343,10 +355,23 @@ class TextTower(nn.Module):
     def blocks(self) -> list[Block]:
         return self._bert_blocks() + self._own_blocks()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The token features after the tower's attention layers, before pooling: (B, L, H)."""
         # BriVL-1.0 gives BERT no attention mask, so padding tokens are attended; here padding is masked
         # in BERT, in the attention layers and in the mean.
         tokens = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
-        for block in self._own_blocks():
+        for block in self._own_blocks()[:-1]:
             tokens = block.run(tokens, input_ids, attention_mask)
-        return tokens  # (B, E)
+        return tokens  # (B, L, H)
+
+    def embed(self, tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Masked mean, projection and L2 norm: (B, L, H) -> (B, E)."""
+        return self._own_blocks()[-1].run(tokens, input_ids, attention_mask)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, shared: Callable | None = None
+                ) -> torch.Tensor:
+        """``shared``: layers run on the token features before pooling, called with (tokens, mask)."""
+        tokens = self.tokens(input_ids, attention_mask)  # (B, L, H)
+        if shared is not None:
+            tokens = shared(tokens, attention_mask)
+        return self.embed(tokens, input_ids, attention_mask)  # (B, E)

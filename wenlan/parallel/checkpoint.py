@@ -250,7 +250,7 @@ def optimizer_groups(config: dict) -> list[list[str]]:
     objective = objective_config_from_dict(config["objective"])
     with torch.device("meta"):
         module = ContrastivePretraining(BriVL(model_config_from_dict(config["model"]),
-                                              momentum=objective.name == "brivl"), objective)
+                                              momentum=objective.uses_momentum), objective)
     names = {id(p): n for n, p in module.named_parameters()}
     return [[names[id(p)] for p in group["params"]] for group in param_groups(module, 0.0)]
 

@@ -89,7 +89,7 @@ def build_module(cfg: TrainConfig, weights: dict[str, torch.Tensor] | None = Non
     zero3 = zero_stage(cfg.deepspeed_config) == 3
     build = deepspeed.zero.Init(config_dict_or_path=cfg.deepspeed_config) if zero3 else contextlib.nullcontext()
     with build, no_init_weights():
-        model = BriVL(cfg.model, momentum=cfg.objective.name == "brivl")
+        model = BriVL(cfg.model, momentum=cfg.objective.uses_momentum)
         module = ContrastivePretraining(model, cfg.objective)
     if zero3 and low_precision(cfg.deepspeed_config):
         _float_buffers_in_fp32(model, cfg)

@@ -38,6 +38,19 @@ def micro_batches(batch: dict, micro: int, image_dtype, device):
         yield (images, input_ids, attention_mask), caption_ids(input_ids)
 
 
+def second_views(batch: dict, micro: int, image_dtype, device):
+    """The multi-view objectives' second views of each micro-batch, (images2, input_ids2,
+    attention_mask2), on ``device``; None per micro-batch when the batch has none."""
+    for i in range(batch["images"].shape[0] // micro):
+        part = slice(i * micro, (i + 1) * micro)
+        if "images2" not in batch:
+            yield None
+            continue
+        yield (model_images(batch["images2"][part], batch["colour_maps2"][part], device, image_dtype),
+               batch["input_ids2"][part].to(device, non_blocking=True),
+               batch["attention_mask2"][part].to(device, non_blocking=True))
+
+
 @torch.no_grad()
 def fp32_master(engine, param: torch.nn.Parameter, group=None, value: torch.Tensor | None = None) -> torch.Tensor:
     """The optimizer's fp32 master of a low-precision trainable parameter, whole (``value``: write it
@@ -242,11 +255,12 @@ class PlainStrategy(Strategy):
 
     def train_step(self, batch: dict, use_queue: bool) -> None:
         accum = self.cfg.batch.grad_accum
+        views = second_views(batch, self.cfg.batch.micro_batch, self.image_dtype, self.device)
         for i, (inputs, ids) in enumerate(micro_batches(batch, self.cfg.batch.micro_batch, self.image_dtype,
                                                         self.device)):
             last = i == accum - 1
             with self.timer.phase("forward_backward"):
-                loss = self.engine(*inputs, ids, use_queue=use_queue)
+                loss = self.engine(*inputs, ids, use_queue=use_queue, views=next(views))
                 if last and self.objective.gather is not None:
                     self.objective.gather.launch()  # the step's keys are all-gathered during the last backward
                 self.engine.backward(loss)
@@ -263,7 +277,8 @@ class PlainStrategy(Strategy):
         from wenlan.evaluate import evaluate
 
         image, text = self.cfg.model.image, self.cfg.model.text
-        return evaluate(self.objective.model, self.cfg.val_shards, tokenizer, image.image_size, text.max_len)
+        return evaluate(self.objective.model, self.cfg.val_shards, tokenizer, image.image_size, text.max_len,
+                        unimodal=self.cfg.objective.spec.unimodal, color_augment=self.cfg.color_augment)
 
 
 class PipelineStrategy(Strategy):
