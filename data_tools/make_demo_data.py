@@ -303,8 +303,14 @@ def write_demo_shards(out_dir, n_train: int = 20000, n_val: int = 1000, seed: in
             if not quiet:
                 print(f"{out}: demo data already complete (seed={seed}); nothing to do")
             return record
-        raise SystemExit(f"{out} holds demo data made with other arguments {record.get('args')}; "
-                         f"remove it or choose another --out")
+        older = dict(record.get("args") or {}, format_version=FORMAT_VERSION) == asdict(args)
+        if older:  # the same set by an older version of this script: written again in place
+            print(f"{out}: demo data of format {record['args'].get('format_version')}, this script writes format "
+                  f"{FORMAT_VERSION}; writing it again")
+            done.unlink()
+        else:
+            raise SystemExit(f"{out} holds demo data made with other arguments {record.get('args')}; "
+                             f"remove it or choose another --out")
     if min(n_train, n_val, shard_size, image_size) < 1:
         raise ValueError("n_train, n_val, shard_size and image_size must all be positive")
     out.mkdir(parents=True, exist_ok=True)
