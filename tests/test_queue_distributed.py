@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from tests.helpers import free_port
 from wenlan.losses.objective import ContrastivePretraining, ObjectiveConfig, clip_objective, queue_objective
-from wenlan.losses.queue import KeyGather, KeyQueues, all_gather_single, consolidate, shard
+from wenlan.losses.gather import all_gather_single
+from wenlan.losses.queue import KeyGather, KeyQueues, consolidate, shard
 
 E = 8
 CHECKS = {}

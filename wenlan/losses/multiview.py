@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from wenlan.losses.gather import gather_with_grad
 from wenlan.losses.infonce import queue_logsumexp
 
 VIEWS = ("image", "image2", "caption", "text2")
@@ -97,8 +98,6 @@ def multiview_objective(views: dict[str, torch.Tensor], pairs: dict[tuple[str, s
     local = torch.cat([views[v] for v in VIEWS], dim=1)  # (B, 4E)
     gathered, offset = local, 0
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        from wenlan.losses.objective import gather_with_grad  # here: objective.py imports this module
-
         # All-gather WITH gradient, all four views in one collective: each rank's loss also pulls on the
         # other ranks' embeddings, whose owners receive it in this gather's backward (a sum over ranks).
         gathered = gather_with_grad(local, group)  # (N*B, 4E)

@@ -21,7 +21,8 @@ import torch.nn as nn
 
 from wenlan.losses.infonce import batch_exclusion, clip_loss, info_nce, queue_logsumexp
 from wenlan.losses.multiview import VIEWS, CookieConfig, ErnieVil2Config, multiview_objective
-from wenlan.losses.queue import KeyGather, KeyQueues, all_gather_single, reduce_scatter_single
+from wenlan.losses.gather import all_gather_single, gather_with_grad
+from wenlan.losses.queue import KeyGather, KeyQueues
 
 if TYPE_CHECKING:  # the losses need no model code; importing the towers (timm) costs seconds per process
     from wenlan.models.brivl import BriVL
@@ -175,29 +176,6 @@ class ObjectiveConfig:
                 "data-parallel ranks, "
                 f"which does not divide it; use --queue-size {max(step, k // step * step)} or "
                 "objective.queue_mode='replicated'")
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """All-gather along dim 0 that carries gradients back: rank r's rows receive the SUM over ranks of
-    the gradients every rank's loss puts on them (a reduce-scatter), as open_clip's gather_with_grad."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        out = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
-        all_gather_single(out, x.contiguous(), group=group)  # forward of a WITH-gradient gather
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        out = grad.new_empty((grad.shape[0] // dist.get_world_size(ctx.group), *grad.shape[1:]))
-        reduce_scatter_single(out, grad.contiguous(), group=ctx.group)  # SUM: the gather's gradient
-        return out, None
-
-
-def gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
-    """(B, ...) on each rank -> (world * B, ...) in rank order, differentiable (see _GatherWithGrad)."""
-    return _GatherWithGrad.apply(x, group)
 
 
 class ContrastivePretraining(nn.Module):

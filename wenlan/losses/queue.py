@@ -22,10 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-
-# torch 2.14 renamed all_gather_into_tensor / reduce_scatter_tensor (the old names still work, with a warning).
-all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+from wenlan.losses.gather import all_gather_single
 
 
 def _world(group=None) -> int:

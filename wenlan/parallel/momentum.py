@@ -112,7 +112,7 @@ class MomentumEMA:
         import torch.distributed as dist
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-        from wenlan.losses.queue import all_gather_single
+        from wenlan.losses.gather import all_gather_single
 
         if any(key.ds_status != ZeroParamStatus.AVAILABLE for key in self.persistent):
             # Not gathered yet (before the first forward): DeepSpeed's path, which also sets their status.

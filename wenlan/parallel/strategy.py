@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from wenlan.data.transforms import model_images
 from wenlan.losses.objective import caption_ids
-from wenlan.losses.queue import all_gather_single
+from wenlan.losses.gather import all_gather_single
 from wenlan.parallel import checkpoint as ckpt
 from wenlan.parallel.momentum import MomentumEMA
 from wenlan.throughput import PhaseTimer
