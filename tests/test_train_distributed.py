@@ -20,7 +20,7 @@ from data_tools.verify_shards import verify
 from tests.helpers import DEEPSPEED, ROOT, cpu_env, free_port, launch
 from wenlan.data import DataConfig, load_tokenizer, make_eval_loader, model_images
 from wenlan.export import export, load_model_from_checkpoint
-from wenlan.config import objective_config_from_dict
+from wenlan.losses.objective import ObjectiveConfig
 from wenlan.models.brivl import model_config_from_dict
 from wenlan.models.flops import train_flops_per_sample
 from wenlan.parallel.checkpoint import read_consolidated
@@ -199,7 +199,7 @@ def test_mlflow_run_has_params_metrics_and_artifacts(two_rank_run):
     # TFLOP/s per device is the run's FLOPs per sample at its samples/s over its 2 ranks.
     saved = json.loads((out / "config.json").read_text())
     flops = train_flops_per_sample(model_config_from_dict(saved["model"]),
-                                   objective_config_from_dict(saved["objective"]), 64, 2)
+                                   ObjectiveConfig.from_dict(saved["objective"]), 64, 2)
     window = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)}
               for k in ("tflops_per_device", "samples_per_s", "time/eval", "time/forward_backward", "data_wait",
                         "time/optimizer", "time/ema", "time/enqueue")}

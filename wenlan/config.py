@@ -96,10 +96,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def objective_config_from_dict(d: dict) -> ObjectiveConfig:
-    return ObjectiveConfig.from_dict(d)
-
-
 def read_deepspeed_config(path: str) -> dict:
     p = Path(path)
     if not p.is_file():

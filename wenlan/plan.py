@@ -511,7 +511,7 @@ class _Planner:
 
         if "counts" not in self._cache:
             with torch.device("meta"), no_init_weights():
-                model = BriVL(self.model_cfg, momentum=self.objective.name == "brivl")
+                model = BriVL(self.model_cfg, momentum=self.objective.uses_momentum)
             online = [m for name, m in model.named_modules() if not name.startswith("momentum_")]
             threshold = self.zero["param_persistence_threshold"] if self.stage == 3 else 0
             self._cache["counts"] = parameter_counts(list(model.named_parameters()), online, threshold)
@@ -561,7 +561,7 @@ class _Planner:
             from wenlan.parallel.pipeline import ObjectiveLayer, check_stages, partition_method, pipeline_layers
 
             with torch.device("meta"), no_init_weights():
-                model = BriVL(self.model_cfg, momentum=self.objective.name == "brivl")
+                model = BriVL(self.model_cfg, momentum=self.objective.uses_momentum)
                 objective = ObjectiveLayer(self.objective, self.model_cfg.embed_dim)
             model.to(self.dtype).train()
             objective.to(self.dtype).train()

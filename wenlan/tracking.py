@@ -117,9 +117,8 @@ class _Sender:
         self.client = None
         self.metrics: list = []  # mlflow.entities.Metric not yet sent, oldest first
         self.params: dict = {}
-        self.texts: list[tuple[str, str]] = []
         self.tags: dict = {}
-        self.files: list[tuple[str, str | None]] = []
+        self.artifacts: list[tuple[str, tuple]] = []  # ("text", (text, name)) or ("file", (path, artifact_path))
         self.status: str | None = None
         self.failing_since: float | None = None
         self.next_try = 0.0
@@ -164,12 +163,10 @@ class _Sender:
                 self._add_metrics(values, step, stamp)
             elif kind == "params":
                 self.params.update(payload)
-            elif kind == "text":
-                self.texts.append(payload)
+            elif kind in ("text", "file"):
+                self.artifacts.append((kind, payload))
             elif kind == "tags":
                 self.tags.update(payload)
-            elif kind == "file":
-                self.files.append(payload)
             elif kind == "close":
                 self.status = payload
             try:
@@ -188,8 +185,8 @@ class _Sender:
 
     def _send(self) -> bool:
         """Try to send everything pending; True if nothing is left."""
-        if not (self._open() and self._send_params() and self._send_tags() and self._send_texts()
-                and self._send_metrics() and self._send_files()):
+        if not (self._open() and self._send_params() and self._send_tags() and self._send_metrics()
+                and self._send_artifacts()):
             self.next_try = time.monotonic() + self.t.retry_every
             return False
         return True
@@ -264,20 +261,14 @@ class _Sender:
         self.tags = {}
         return True
 
-    def _send_files(self) -> bool:
-        while self.files:
-            path, artifact_path = self.files[0]
-            if not self._attempt(lambda: self.client.log_artifact(self.t.run_id, path, artifact_path)):
+    def _send_artifacts(self) -> bool:
+        """After the metrics: a large file (the exported model) must not hold them back."""
+        while self.artifacts:
+            kind, (source, name) = self.artifacts[0]
+            upload = self.client.log_text if kind == "text" else self.client.log_artifact
+            if not self._attempt(lambda: upload(self.t.run_id, source, name)):
                 return False
-            self.files.pop(0)
-        return True
-
-    def _send_texts(self) -> bool:
-        while self.texts:
-            text, name = self.texts[0]
-            if not self._attempt(lambda: self.client.log_text(self.t.run_id, text, name)):
-                return False
-            self.texts.pop(0)
+            self.artifacts.pop(0)
         return True
 
     def _send_metrics(self) -> bool:
@@ -293,8 +284,8 @@ class _Sender:
             self.t.dropped["metric values"] += len(self.metrics)
         if self.params:
             self.t.dropped["params"] += len(self.params)
-        if self.texts or self.files:
-            self.t.dropped["artifacts"] += len(self.texts) + len(self.files)
+        if self.artifacts:
+            self.t.dropped["artifacts"] += len(self.artifacts)
         if self.tags:
             self.t.dropped["tags"] += len(self.tags)
         if self.t.run_id is None:

@@ -241,13 +241,11 @@ def optimizer_order(config: dict) -> list[str]:
 
 def optimizer_groups(config: dict) -> list[list[str]]:
     """The trainable parameters' names per optimizer parameter group, in order."""
-    from wenlan.config import objective_config_from_dict
-    from wenlan.models.brivl import model_config_from_dict
-    from wenlan.losses.objective import ContrastivePretraining
-    from wenlan.models.brivl import BriVL
+    from wenlan.losses.objective import ContrastivePretraining, ObjectiveConfig
+    from wenlan.models.brivl import BriVL, model_config_from_dict
     from wenlan.parallel.engine import param_groups
 
-    objective = objective_config_from_dict(config["objective"])
+    objective = ObjectiveConfig.from_dict(config["objective"])
     with torch.device("meta"):
         module = ContrastivePretraining(BriVL(model_config_from_dict(config["model"]),
                                               momentum=objective.uses_momentum), objective)

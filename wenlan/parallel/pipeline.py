@@ -221,7 +221,7 @@ def check_stages(model_cfg, objective_cfg, stages: int, method: str = "parameter
     key = repr((model_cfg, objective_cfg, stages, method))  # dataclass reprs: every field
     if key not in _layouts:
         with torch.device("meta"):
-            model = BriVL(model_cfg, momentum=objective_cfg.name == "brivl")
+            model = BriVL(model_cfg, momentum=objective_cfg.uses_momentum)
             objective = ObjectiveLayer(objective_cfg, model_cfg.embed_dim)
         costs = layer_costs(pipeline_layers(model, objective), model_cfg, method)
         _layouts[key] = balanced_parts(costs, stages), costs
@@ -237,7 +237,7 @@ def build_pipeline(cfg, stages: int):
 
     stage, dp_rank, dp_group = data_parallel_groups(stages)
     with parameters_on_meta(), no_init_weights():
-        model = BriVL(cfg.model, momentum=cfg.objective.name == "brivl")
+        model = BriVL(cfg.model, momentum=cfg.objective.uses_momentum)
     last = stage == stages - 1
     with contextlib.nullcontext() if last else torch.device("meta"):
         objective = ObjectiveLayer(cfg.objective, cfg.model.embed_dim, group=dp_group if last else None)

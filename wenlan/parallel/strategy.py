@@ -40,15 +40,13 @@ def micro_batches(batch: dict, micro: int, image_dtype, device):
 
 def second_views(batch: dict, micro: int, image_dtype, device):
     """The multi-view objectives' second views of each micro-batch, (images2, input_ids2,
-    attention_mask2), on ``device``; None per micro-batch when the batch has none."""
-    for i in range(batch["images"].shape[0] // micro):
-        part = slice(i * micro, (i + 1) * micro)
-        if "images2" not in batch:
-            yield None
-            continue
-        yield (model_images(batch["images2"][part], batch["colour_maps2"][part], device, image_dtype),
-               batch["input_ids2"][part].to(device, non_blocking=True),
-               batch["attention_mask2"][part].to(device, non_blocking=True))
+    attention_mask2), on ``device``; None for every micro-batch when the batch has none."""
+    if "images2" not in batch:
+        return itertools.repeat(None)
+    parts = (slice(i * micro, (i + 1) * micro) for i in range(batch["images"].shape[0] // micro))
+    return ((model_images(batch["images2"][part], batch["colour_maps2"][part], device, image_dtype),
+             batch["input_ids2"][part].to(device, non_blocking=True),
+             batch["attention_mask2"][part].to(device, non_blocking=True)) for part in parts)
 
 
 @torch.no_grad()
