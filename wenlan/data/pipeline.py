@@ -34,6 +34,7 @@ import itertools
 import json
 import logging
 import math
+import multiprocessing
 import os
 import random
 import warnings
@@ -471,11 +472,31 @@ def _as_is(item):
     return item
 
 
-def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool = False) -> DataLoader:
+# A train loader's workers start from a forkserver, not by forking the trainer: a forked worker shares
+# the trainer's host pages copy-on-write, and every page the trainer then writes (optimizer steps over
+# host-held model states: CPU runs, optimizer offload) is copied, once per worker, for the whole run. At
+# the 10b widths on CPU (tests/test_scale.py) each rank's worker held 3.8 GB of the rank's 7 GB and the
+# first step ran out of memory. The server imports this module once, so a worker starts in about a
+# second; eval loaders live for one pass, during which nothing is written, and fork.
+_FORKSERVER = multiprocessing.get_context("forkserver")
+_FORKSERVER.set_forkserver_preload([__name__])
+
+
+def start_worker_server() -> None:
+    """Start the forkserver now, while the trainer is small and its imports overlap the engine build
+    (it is an exec'd interpreter either way: it never holds the trainer's memory)."""
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()
+
+
+def _loader(dataset: IterableDataset, num_workers: int, pin_memory: bool = False,
+            long_lived: bool = False) -> DataLoader:
     # Its own generator: starting the DataLoader would otherwise draw a worker seed from the caller's
     # global RNG (the workers need none: augmentation is seeded per sample).
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_as_is, pin_memory=pin_memory,
-                      prefetch_factor=2 if num_workers else None, generator=torch.Generator().manual_seed(0))
+                      prefetch_factor=2 if num_workers else None, generator=torch.Generator().manual_seed(0),
+                      multiprocessing_context=_FORKSERVER if long_lived and num_workers else None)
 
 
 def _cat(tensors: list[torch.Tensor], pin_memory: bool) -> torch.Tensor:
@@ -534,7 +555,7 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[dict]:
         pin = self.dataset.cfg.pin_memory
-        loader = _loader(self.dataset, self.num_workers, pin)  # pins what the workers send
+        loader = _loader(self.dataset, self.num_workers, pin, long_lived=True)  # pins what the workers send
         items = iter(loader)
         streams = self.dataset.streams
         position = {c: list(self.dataset.start[c]) for c in streams}
