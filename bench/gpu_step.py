@@ -13,7 +13,7 @@ Rows (``--write``: also appended to bench/RESULTS.md with the device name and da
 - ``plain``: the same modules in plain PyTorch, bf16 weights and torch's fused AdamW on them (no fp32
   masters: a lower bound on the step's cost), the same EMA and queue.
 - ``--compile``: adds ``engine+compile`` (``torch.compile`` on each tower block).
-- ``--cut-10b N``: adds the 10b preset's widths with N ViT blocks and N // 2 BERT layers, checkpointed.
+- ``--cut-10b N``: adds the 10b preset's widths with N ViT blocks, N // 2 BERT and attention layers, checkpointed.
 
 A model FLOP is counted once (``wenlan.models.flops``: online forward + backward, momentum forward,
 logits). On a CPU (``--device cpu``, small presets) the script runs end to end for debugging; MFU needs
@@ -21,7 +21,6 @@ a GPU in the peak table.
 """
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -39,14 +38,12 @@ ROWS = ("engine", "engine+ckpt", "plain")
 
 
 def model_config(args):
-    from wenlan.models.presets import get_preset
+    from wenlan.models.presets import cut_depth, get_preset
 
     if not args.cut_10b or args.row_preset != "10b-cut":
         return get_preset(args.preset)
-    cfg = get_preset("10b")
-    image = dataclasses.replace(cfg.image, backbone_kwargs=dict(cfg.image.backbone_kwargs, depth=args.cut_10b))
-    text = dataclasses.replace(cfg.text, bert_layers=max(1, args.cut_10b // 2))
-    return dataclasses.replace(cfg, image=image, text=text)
+    return cut_depth(get_preset("10b"), vit_blocks=args.cut_10b, bert_layers=max(1, args.cut_10b // 2),
+                     attention_layers=max(1, args.cut_10b // 2))
 
 
 def train_config(args, checkpointing: int):
@@ -195,7 +192,7 @@ def main() -> None:
                    help="torch's AdamW in the engine instead of DeepSpeed's FusedAdam (no JIT build)")
     p.add_argument("--compile", action="store_true", help="also a row with torch.compile on the tower blocks")
     p.add_argument("--cut-10b", type=int, default=0, metavar="N",
-                   help="also a row of the 10b widths with N ViT blocks and N // 2 BERT layers, checkpointed")
+                   help="also a row of the 10b widths with N ViT blocks, N // 2 BERT and attention layers, checkpointed")
     p.add_argument("--rows", default=",".join(ROWS), help="which rows, comma-separated")
     p.add_argument("--timeout", type=int, default=900, help="seconds per row")
     p.add_argument("--write", action="store_true", help="append the rows to bench/RESULTS.md")

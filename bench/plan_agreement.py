@@ -37,13 +37,14 @@ def model_state_rows() -> list[str]:
 def activation_rows() -> list[str]:
     from wenlan.config import PRESET_OBJECTIVES
     from wenlan.losses.objective import ObjectiveConfig
-    from wenlan.models.presets import get_preset
-    from wenlan.plan import activation_agreement, cut_depth, without_dropout
+    from wenlan.models.presets import cut_depth, get_preset
+    from wenlan.plan import activation_agreement, without_dropout
 
     rows = [f"{'model':<9}{'checkpointing':>14}{'measured':>14}{'planner':>14}{'ratio':>8}"]
     for case in ACTIVATION_CASES:
         name = case.removesuffix("-cut")
-        cfg = without_dropout(cut_depth(get_preset(name)) if case.endswith("-cut") else get_preset(name))
+        cut = case.endswith("-cut")
+        cfg = without_dropout(cut_depth(get_preset(name), vit_blocks=2, bert_layers=1, attention_layers=1) if cut else get_preset(name))
         objective = ObjectiveConfig(**dict(PRESET_OBJECTIVES[name], queue_size=QUEUE))
         for every, planned, measured in activation_agreement(cfg, objective, MICRO_BATCH):
             rows.append(f"{case:<9}{'every block' if every else 'off':>14}{measured / 1e6:>11.1f} MB"

@@ -41,6 +41,15 @@ def test_valid_config_resolves(tiny_data, tmp_path, monkeypatch):
     assert cfg.data_streams == 2
 
 
+def test_cut_depth_keeps_the_widths_and_the_run_records_the_cut_model(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    cfg = resolve(args_for(tiny_data, tmp_path, **{"--preset": "10b", "--cut-depth": "2", "--attention-layers": "0"}))
+    recorded = json.loads(json.dumps(cfg.to_dict()))["model"]
+    assert recorded["image"]["backbone_kwargs"] == {"embed_dim": 2560, "depth": 2, "num_heads": 32}
+    assert (recorded["text"]["hidden"], recorded["text"]["bert_ffn"], recorded["text"]["bert_layers"]) == (4096, 16384, 2)
+    assert recorded["image"]["layers"] == recorded["text"]["layers"] == 0 and recorded["embed_dim"] == 2048
+
+
 def test_queue_warmup_follows_the_lr_warmup_unless_given(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     cfg = resolve(args_for(tiny_data, tmp_path, **{"--max-steps": "800"}))
@@ -58,6 +67,9 @@ def test_queue_warmup_follows_the_lr_warmup_unless_given(tiny_data, tmp_path, mo
     ({"--queue-warmup-steps": "-1"}, "objective.queue_warmup_steps=-1 must be >= 0"),
     ({"--activation-checkpointing": "-1"}, "--activation-checkpointing -1: use 0 (off), 1 (every block)"),
     ({"--keep-checkpoints": "0"}, "--keep-checkpoints 0: must be >= 1"),
+    ({"--cut-depth": "1"}, "--cut-depth: the image backbone 'test_efficientnet_gn' is not a ViT"),
+    ({"--preset": "tiny-vit", "--cut-depth": "0"}, "--cut-depth 0: must be >= 1"),
+    ({"--attention-layers": "-1"}, "--attention-layers -1: must be >= 0"),
     ({"--activation-checkpointing": "1", "ds": {"train_micro_batch_size_per_gpu": 8, "pipeline": {"stages": 2}}},
      "a pipeline checkpoints its layers with the DeepSpeed config's pipeline.activation_checkpoint_interval"),
     ({"--preset": "huge"}, "--preset: unknown preset 'huge'; choose one of tiny, tiny-vit, base, 1b, 10b, brivl-1.0"),

@@ -12,8 +12,8 @@ import torch
 from tests.helpers import ROOT, cpu_env
 from wenlan.config import PRESET_OBJECTIVES
 from wenlan.losses.objective import ObjectiveConfig
-from wenlan.models.presets import get_preset
-from wenlan.plan import (PlanConfig, activation_agreement, cut_depth, deepspeed_model_states, make_plan,
+from wenlan.models.presets import cut_depth, get_preset
+from wenlan.plan import (PlanConfig, activation_agreement, deepspeed_model_states, make_plan,
                          without_dropout)
 
 GPU_MEMORY_GB = 80
@@ -113,7 +113,7 @@ def test_activations_agree_with_saved_tensors(preset):
     """The planner's meta-device count against a real CPU forward's saved tensors, checkpointing off and
     on every block; the 10b widths with two ViT blocks and one layer of everything else."""
     name = preset.removesuffix("-cut")
-    cfg = without_dropout(cut_depth(get_preset(name)) if preset.endswith("-cut") else get_preset(name))
+    cfg = without_dropout(cut_depth(get_preset(name), vit_blocks=2, bert_layers=1, attention_layers=1) if preset.endswith("-cut") else get_preset(name))
     objective = ObjectiveConfig(**dict(PRESET_OBJECTIVES[name], queue_size=AGREEMENT_QUEUE))
     rows = activation_agreement(cfg, objective)
     assert [every for every, _, _ in rows] == [0, 1]

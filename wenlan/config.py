@@ -15,7 +15,7 @@ from wenlan.data.index import shard_counts
 from wenlan.data.pipeline import check_train_layout, default_streams, expand_shards, missing_local_shards
 from wenlan.losses.objective import ObjectiveConfig
 from wenlan.models.brivl import ModelConfig
-from wenlan.models.presets import get_preset
+from wenlan.models.presets import cut_depth, get_preset
 
 # Objective settings that belong to a preset (queue sized to the batch a preset is run with).
 PRESET_OBJECTIVES = {
@@ -83,6 +83,11 @@ class TrainConfig:
     image_views: int = 1
     """Image views per sample from the train loader (2: a second augmented view and a second textual
     view, for ``ernie-vil2`` and ``cookie``)."""
+    cut_depth: int | None = None
+    """The preset's widths at this many ViT blocks and BERT layers (``wenlan.models.presets.cut_depth``);
+    the model config a checkpoint records is the cut one."""
+    attention_layers: int | None = None
+    """Self-attention layers per tower instead of the preset's (``model`` holds the result)."""
     init_from: str | None = None
     """A file of ``wenlan.export`` or ``wenlan.convert``: a fresh run starts its online towers (and,
     unless --temperature is given, its temperature) from it; the momentum towers start as their copy
@@ -216,6 +221,9 @@ def _check_views(args, objective: ObjectiveConfig) -> int:
 def resolve(args) -> TrainConfig:
     """Command line -> validated TrainConfig. Raises ValueError naming the flag/field and the fix."""
     model = get_preset(args.preset)
+    depth, attention = getattr(args, "cut_depth", None), getattr(args, "attention_layers", None)
+    if depth is not None or attention is not None:
+        model = cut_depth(model, vit_blocks=depth, bert_layers=depth, attention_layers=attention)
     objective = ObjectiveConfig(name=args.objective, **PRESET_OBJECTIVES.get(args.preset, {}))
     for key in ("queue_size", "temperature", "momentum", "queue_warmup_steps", "queue_mode"):
         value = getattr(args, key, None)
@@ -319,4 +327,5 @@ def resolve(args) -> TrainConfig:
         num_workers=args.num_workers, data_streams=streams, color_augment=not args.no_color_augment, resume=args.resume,
         mlflow_uri=args.mlflow_uri, mlflow_experiment=args.mlflow_experiment, init_from=init_from,
         log_model=getattr(args, "log_model", False),
-        activation_checkpointing=checkpointing, keep_checkpoints=keep, image_views=image_views)
+        activation_checkpointing=checkpointing, keep_checkpoints=keep, image_views=image_views,
+        cut_depth=depth, attention_layers=attention)

@@ -726,15 +726,6 @@ def without_dropout(model_cfg):
                                text=dataclasses.replace(model_cfg.text, dropout=0.0))
 
 
-def cut_depth(model_cfg, vit_blocks: int = 2, layers: int = 1):
-    """A preset's widths with its depth cut: ``vit_blocks`` ViT blocks, ``layers`` BERT layers and
-    attention layers per tower (the 10b preset's widths in a few GB of fp32)."""
-    image = dataclasses.replace(model_cfg.image, layers=layers,
-                                backbone_kwargs=dict(model_cfg.image.backbone_kwargs, depth=vit_blocks))
-    return dataclasses.replace(model_cfg, image=image,
-                               text=dataclasses.replace(model_cfg.text, bert_layers=layers, layers=layers))
-
-
 def measured_saved_bytes(module, micro_batch: int) -> int:
     """Bytes autograd saves in a real forward of ``module`` (a ContrastivePretraining on CPU, without
     momentum towers) through the training path: BERT's own forward with a padded mask, the loss against

@@ -72,6 +72,11 @@ def parse_args(argv=None):
                    help="cookie: layers of the transformer shared by both towers (default 1)")
     p.add_argument("--multiview-queue", action="store_true",
                    help="ernie-vil2: momentum towers and negative queues as extra negatives (--queue-size etc.)")
+    p.add_argument("--cut-depth", type=int, default=None, metavar="N",
+                   help="the preset's widths with N ViT blocks and N BERT layers: a smoke run of a big preset's "
+                        "shapes on a few devices (ViT presets)")
+    p.add_argument("--attention-layers", type=int, default=None, metavar="M",
+                   help="self-attention layers per tower on the backbone's tokens (default: the preset's)")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the launcher
     return p.parse_args(argv)
 
@@ -180,7 +185,7 @@ def run_tags(cfg: TrainConfig, world_size: int) -> dict:
     batch = cfg.batch
     strategy = (f"pipeline {batch.pipeline_stages} stages x {batch.data_parallel_size} data-parallel"
                 if batch.pipeline_stages > 1 else f"ZeRO-{zero_stage(cfg.deepspeed_config)}")
-    tags = {"wenlan.preset": cfg.preset, "wenlan.objective": cfg.objective.name, "wenlan.seed": cfg.seed,
+    tags = {"wenlan.preset": cfg.preset + shape_change(cfg), "wenlan.objective": cfg.objective.name, "wenlan.seed": cfg.seed,
             "wenlan.strategy": strategy, "wenlan.world_size": world_size, "wenlan.global_batch": batch.global_batch}
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
@@ -196,6 +201,13 @@ def run_tags(cfg: TrainConfig, world_size: int) -> dict:
     return tags
 
 
+def shape_change(cfg: TrainConfig) -> str:
+    """What --cut-depth / --attention-layers changed in the preset, for the log and the run's tags."""
+    changes = ([f"depth {cfg.cut_depth}"] if cfg.cut_depth is not None else []) + \
+        ([f"{cfg.attention_layers} attention layers"] if cfg.attention_layers is not None else [])
+    return f" ({', '.join(changes)})" if changes else ""
+
+
 def describe(cfg: TrainConfig, world_size: int) -> str:
     from wenlan.parallel.engine import zero_stage
 
@@ -204,7 +216,7 @@ def describe(cfg: TrainConfig, world_size: int) -> str:
         if batch.pipeline_stages > 1 else ""
     k = cfg.activation_checkpointing
     checkpointing = "" if not k else f", activation checkpointing every {'' if k == 1 else f'{k}-th '}block"
-    return (f"preset {cfg.preset}, objective {cfg.objective.name}, ZeRO-{zero_stage(cfg.deepspeed_config)}, "
+    return (f"preset {cfg.preset}{shape_change(cfg)}, objective {cfg.objective.name}, ZeRO-{zero_stage(cfg.deepspeed_config)}, "
             f"{world_size} ranks{layout}, global batch {batch.global_batch}, {cfg.max_steps} steps{checkpointing}")
 
 
@@ -245,6 +257,7 @@ def training_flops(cfg: TrainConfig, device, log_it: bool) -> tuple[float, float
 def run(cfg: TrainConfig) -> dict:
     import torch.distributed as dist
 
+    from wenlan.data.pipeline import start_worker_server
     from wenlan.data.tokenizer import load_tokenizer
     from wenlan.evaluate import format_table
     from wenlan.parallel import checkpoint as ckpt
@@ -263,6 +276,8 @@ def run(cfg: TrainConfig) -> dict:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.write_json(out / "config.json", cfg.to_dict())
+    if cfg.num_workers:
+        start_worker_server()  # the train loader's workers fork from it, not from this process once it is big
     ckpt.seed_everything(cfg.seed)  # the same seed on every rank: identical initial weights everywhere
     strategy = build_strategy(cfg, checkpointer.portable_weights)
     ckpt.seed_everything(cfg.seed * 100003 + rank * 1009)  # dropout etc. differ between ranks

@@ -79,6 +79,31 @@ def get_preset(name: str) -> ModelConfig:
     return dataclasses.replace(PRESETS[name])
 
 
+def cut_depth(cfg: ModelConfig, vit_blocks: int | None = None, bert_layers: int | None = None,
+              attention_layers: int | None = None) -> ModelConfig:
+    """``cfg``'s widths with its depth cut: ``vit_blocks`` ViT blocks, ``bert_layers`` BERT layers,
+    ``attention_layers`` self-attention layers per tower (None keeps the preset's). A big preset's
+    tensor shapes (and so every per-tensor ZeRO decision: buckets, partitions, persistence) at a few of
+    its layers' memory: a smoke run of the 10b shapes fits 2 CPU processes, and the planner's
+    activation counts are checked against it."""
+    if vit_blocks is not None and not cfg.image.backbone.startswith("vit_"):
+        raise ValueError(f"--cut-depth: the image backbone {cfg.image.backbone!r} is not a ViT, whose depth is one "
+                         "number; cut the depth of the 1b, 10b or tiny-vit preset")
+    for flag, value, least in (("--cut-depth", vit_blocks, 1), ("--cut-depth", bert_layers, 1),
+                               ("--attention-layers", attention_layers, 0)):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} {value}: must be >= {least}")
+    image, text = cfg.image, cfg.text
+    if vit_blocks is not None:
+        image = dataclasses.replace(image, backbone_kwargs=dict(image.backbone_kwargs, depth=vit_blocks))
+    if bert_layers is not None:
+        text = dataclasses.replace(text, bert_layers=bert_layers)
+    if attention_layers is not None:
+        image = dataclasses.replace(image, layers=attention_layers)
+        text = dataclasses.replace(text, layers=attention_layers)
+    return dataclasses.replace(cfg, image=image, text=text)
+
+
 def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     with torch.device("meta"):
         model = BriVL(cfg)
