@@ -5,7 +5,7 @@ training step), so the run's image grid has a step slider that shows the model l
 Drawn on the tracker's thread (``Tracker.log_image``), never on the training one. The demo's captions
 are Chinese, which PIL draws only with a CJK font: one is looked up at run time (fontconfig, then the
 paths of Debian's fonts-wqy-microhei and fonts-noto-cjk). Without one the picture is still drawn, its
-non-ASCII captions replaced by their rank and a note, and a warning says once what to install.
+non-ASCII captions replaced by a placeholder under a note, and a warning says once what to install.
 """
 
 import functools
@@ -46,7 +46,7 @@ def _fonts():
     path = cjk_font_path()
     if path is not None:
         return ImageFont.truetype(path, TEXT_SIZE), True
-    log.warning("no CJK font found: retrieval pictures show non-ASCII captions by rank only; install one, e.g. "
+    log.warning("no CJK font found: retrieval pictures leave Chinese captions out; install one, e.g. "
                 "`apt-get install %s` (Debian/Ubuntu)", FONT_PACKAGE)
     return ImageFont.load_default(TEXT_SIZE), False
 
@@ -67,12 +67,13 @@ def retrieval_picture(examples: list[dict], step: int, width: int = 760):
     line = TEXT_SIZE + 6
     top_k = max(len(example["top"]) for example in examples)
     row = max(THUMB, (top_k + 1) * line) + ROW_GAP
-    header = 2 * line + 4
+    header = 2 * line + 10  # a title line and a line for the no-font note
     picture = Image.new("RGB", (width, header + row * len(examples)), PAPER)
     draw = ImageDraw.Draw(picture)
-    note = "" if cjk else f"  (no CJK font: captions by rank; apt-get install {FONT_PACKAGE})"
-    draw.text((8, 6), f"step {step}: top-{top_k} captions of all for each image; green = correct{note}",
-              fill=INK, font=font)
+    draw.text((8, 6), f"step {step}: top-{top_k} captions of all for each image; green = correct", fill=INK, font=font)
+    if not cjk:
+        draw.text((8, 6 + line), f"no CJK font: Chinese captions not drawn (apt-get install {FONT_PACKAGE})",
+                  fill=INK, font=font)
     text_x = 8 + THUMB + 12
     for i, example in enumerate(examples):
         y = header + i * row
@@ -80,12 +81,12 @@ def retrieval_picture(examples: list[dict], step: int, width: int = 760):
         picture.paste(image, (8, y))
         hit = any(correct for _, _, correct in example["top"])
         for rank, (caption, score, correct) in enumerate(example["top"], 1):
-            shown = caption if cjk or caption.isascii() else f"caption ranked {rank}"
+            shown = caption if cjk or caption.isascii() else "(a Chinese caption)"
             text = f"{rank}. {'[correct] ' if correct else ''}{shown}"
             draw.text((text_x, y + (rank - 1) * line), _fit(draw, f"{text}  ({score:.2f})", font, width - text_x - 8),
                       fill=CORRECT if correct else WRONG, font=font)
         if not hit:
-            truth = example["truth"] if cjk or example["truth"].isascii() else "(not shown: no CJK font)"
+            truth = example["truth"] if cjk or example["truth"].isascii() else "(a Chinese caption)"
             draw.text((text_x, y + top_k * line), _fit(draw, f"correct, not in the top {top_k}: {truth}", font,
                                                          width - text_x - 8), fill=INK, font=font)
     return picture
