@@ -114,15 +114,16 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor,
 
 
 def retrieval_examples(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_image: torch.Tensor,
-                       pixels: torch.Tensor, captions: list[str]) -> list[dict]:
+                       pixels: torch.Tensor, caption) -> list[dict]:
     """The first images of ``pixels`` (uint8 (n, 3, H, W)), each with its ``EXAMPLE_CAPTIONS`` best-scored
-    captions of all T (``captions``: their texts): [{"image", "top": [(text, score, correct)], "truth"}],
-    ``truth`` the image's first caption. image_emb (N, E), text_emb (T, E), caption_image (T,)."""
+    captions of all T (``caption(j)``: the text of caption j, asked for the shown ones only):
+    [{"image", "top": [(text, score, correct)], "truth"}], ``truth`` the image's first caption.
+    image_emb (N, E), text_emb (T, E), caption_image (T,)."""
     n = min(len(pixels), image_emb.shape[0])
     scores, top = (image_emb[:n] @ text_emb.t()).topk(min(EXAMPLE_CAPTIONS, text_emb.shape[0]), dim=1)  # (n, 5)
     return [{"image": pixels[i],
-             "top": [(captions[j], s, caption_image[j].item() == i) for j, s in zip(top[i].tolist(), scores[i].tolist())],
-             "truth": captions[(caption_image == i).nonzero()[0].item()]}
+             "top": [(caption(j), s, caption_image[j].item() == i) for j, s in zip(top[i].tolist(), scores[i].tolist())],
+             "truth": caption((caption_image == i).nonzero()[0].item())}
             for i in range(n)]
 
 
@@ -158,8 +159,8 @@ def evaluate(model, val_shards: list[str], tokenizer, image_size: int, max_text_
     image_emb, text_emb, caption_image, skipped = embed_pairs(model, make_eval_loader(cfg, tokenizer), second, keep)
     metrics = retrieval_metrics(image_emb, text_emb, caption_image)
     if examples is not None:
-        texts = [caption_text(tokenizer, ids) for ids in keep["captions"]]
-        examples.extend(retrieval_examples(image_emb, text_emb, caption_image, keep["pixels"], texts))
+        examples.extend(retrieval_examples(image_emb, text_emb, caption_image, keep["pixels"],
+                                           lambda j: caption_text(tokenizer, keep["captions"][j])))
     if unimodal:
         metrics.update(unimodal_metrics(image_emb, second["image2"], text_emb, second["text2"], caption_image))
     metrics["skipped"] = skipped
