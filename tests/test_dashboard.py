@@ -21,6 +21,7 @@ from tests.helpers import ROOT, Server, free_port, launch
 from wenlan import dashboard
 
 STEPS, EVAL_EVERY, QUEUE = 6, 2, 64
+BAD = {"missing_caption": 2, "undecodable_image": 1}  # the first samples of the first train shard, read at step 1
 EVAL_STEPS = [2, 4, 6]  # every EVAL_EVERY steps, and at the end
 EXPERIMENT = "dashboard"
 UI_TIMEOUT_MS = 90_000  # the first page load compiles MLflow's bundle in a cold browser: tens of seconds on 2 cores
@@ -31,6 +32,7 @@ def tracked_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("dashboard")
     data = root / "data"
     write_demo_shards(data, n_train=400, n_val=32, seed=0, image_size=64, shard_size=100, quiet=True)
+    spoil_first_samples(data / "train-000000.tar")
     ds = json.loads((ROOT / "ds_configs" / "cpu_tiny.json").read_text())
     ds["train_micro_batch_size_per_gpu"] = 16
     (root / "ds.json").write_text(json.dumps(ds))
@@ -51,6 +53,21 @@ def tracked_run(tmp_path_factory):
         server.kill()
 
 
+def spoil_first_samples(shard: Path) -> None:
+    """Two samples without a caption, then one whose image does not decode (BAD), the rest as they were."""
+    import webdataset as wds
+
+    from data_tools.shard_io import read_samples
+
+    samples = list(read_samples(shard))
+    for sample in samples[:2]:
+        del sample["txt"]
+    samples[2]["jpg"] = b"not a jpeg"
+    with wds.TarWriter(str(shard), encoder=False, mtime=0) as sink:
+        for sample in samples:
+            sink.write(sample)
+
+
 def test_the_view_charts_what_the_run_logged_and_every_evaluation_left_a_picture_and_tables(tracked_run):
     client, run = tracked_run["client"], tracked_run["run"]
     experiment = client.get_experiment(run.info.experiment_id)
@@ -64,8 +81,7 @@ def test_the_view_charts_what_the_run_logged_and_every_evaluation_left_a_picture
     # Every chart names a metric (or image) the run has; every metric a section lists and the run logged is charted.
     in_view = dashboard.keys_in_view(experiment.tags[tag])
     assert in_view <= metrics | {"retrieval"}, in_view - metrics
-    listed = {key for _, charts in dashboard.SECTIONS for key, _ in charts}
-    assert (listed & metrics) | {k for k in metrics if k.startswith("system/")} <= in_view
+    assert {key for keys in dashboard.charted(metrics).values() for key in keys} <= in_view
     sections = {s["uuid"]: s["name"] for s in state["compareRunSections"]}
     assert list(sections.values()) == [name for name, _ in dashboard.SECTIONS]
     by_section = {}
@@ -78,6 +94,10 @@ def test_the_view_charts_what_the_run_logged_and_every_evaluation_left_a_picture
     assert scales["loss"] == "log" and scales["eval/r1_i2t"] == "linear"
     assert {"queue_fill", "eval/r10_t2i", "samples_per_s", "time/forward_backward", "data_wait", "grad_norm",
             "skipped_samples", "restarts", "system/cpu_utilization_percentage"} <= in_view
+    assert {f"skipped/{reason}" for reason in BAD} <= in_view
+    skipped = {key: sum(m.value for m in client.get_metric_history(run.info.run_id, key))
+               for key in ["skipped_samples", *(f"skipped/{reason}" for reason in BAD)]}
+    assert skipped == {"skipped_samples": sum(BAD.values()), **{f"skipped/{r}": n for r, n in BAD.items()}}
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "queue_fill")}
     assert history == {step: min(1.0, 32 * step / QUEUE) for step in range(1, STEPS + 1)}  # global batch 32
 

@@ -36,16 +36,17 @@ LOG = "log"
 KS = (1, 5, 10)
 
 # (section, [(metric key, y scale)]): the metric names wenlan/train.py (StepLog, evaluate) and
-# wenlan/tracking.py (system metrics) log. A chart appears only once its metric is logged.
+# wenlan/tracking.py (system metrics) log; "PREFIX/*": every metric under PREFIX/ (their names depend on
+# the run: GPUs, skip reasons). A chart appears only once its metric is logged.
 SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
     ("Learning", [("loss", LOG), ("acc_i2t", "linear"), ("temperature", LOG), ("queue_fill", "linear")]
      + [(f"eval/r{k}_{d}", "linear") for d in ("i2t", "t2i") for k in KS]),
     ("Speed", [("samples_per_s", "linear"), ("tflops_per_device", "linear"), ("mfu", "linear"),
                ("data_wait", "linear"), ("time/forward_backward", "linear"), ("time/optimizer", "linear"),
                ("time/ema", "linear"), ("time/enqueue", "linear"), ("time/eval", "linear")]),
-    ("Health", [("grad_norm", LOG), ("skipped_samples", "linear"), ("eval/skipped", "linear"),
-                ("restarts", "linear"), ("peak_memory_gb", "linear")]),
-    ("System", []),  # every system/* metric the run has (per GPU names depend on the machine)
+    ("Health", [("grad_norm", LOG), ("skipped_samples", "linear"), ("skipped/*", "linear"),
+                ("eval/skipped", "linear"), ("restarts", "linear"), ("peak_memory_gb", "linear")]),
+    ("System", [("system/*", "linear")]),
 ]
 SYSTEM_PREFIX = "system/"
 IMAGES = {"retrieval": "Learning"}
@@ -85,23 +86,26 @@ def charted(metric_keys) -> dict[str, list[str]]:
     keys = set(metric_keys)
     out = {}
     for section, charts in SECTIONS:
-        if section == "System":
-            out[section] = sorted(k for k in keys if k.startswith(SYSTEM_PREFIX))
-        else:
-            out[section] = [key for key, _ in charts if key in keys]
+        out[section] = []
+        for key, _ in charts:
+            if key.endswith("/*"):
+                out[section] += sorted(k for k in keys if k.startswith(key[:-1]))
+            elif key in keys:
+                out[section].append(key)
     return out
 
 
 def view_state(keys, image_step: int = 0) -> dict:
     """The UI state of the view, charting the metrics and images of ``keys`` that the sections name,
     the images at ``image_step``."""
-    scales = {key: scale for _, charts in SECTIONS for key, scale in charts}
+    scales = {key.removesuffix("*"): scale for _, charts in SECTIONS for key, scale in charts}
     sections, charts = [], []
     for section, metrics in charted(keys).items():
         section_id = _uuid(f"section/{section}")
         sections.append({"uuid": section_id, "name": section, "display": True, "isReordered": True,
                          "deleted": False, "isGenerated": False})
-        charts += [line_chart(key, scales.get(key, "linear"), section_id) for key in metrics]
+        charts += [line_chart(key, scales.get(key, scales.get(key.split("/")[0] + "/", "linear")), section_id)
+                   for key in metrics]
         charts += [image_chart(key, section_id, image_step) for key, where in IMAGES.items() if where == section and key in keys]
     return {"compareRunCharts": charts, "compareRunSections": sections, "isAccordionReordered": True,
             "hideEmptyCharts": True, "selectedColumns": COLUMNS}

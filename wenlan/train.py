@@ -10,6 +10,7 @@ import math
 import sys
 import time
 import warnings
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -90,6 +91,7 @@ class StepLog:
 
     def _reset(self) -> None:
         self.start, self.data_wait, self.samples, self.skipped = time.perf_counter(), 0.0, 0, 0
+        self.skip_reasons: Counter = Counter()
 
     def losses_finite(self) -> bool:
         """Whether every loss since the last log line was finite, agreed by every rank (a one-element
@@ -106,6 +108,7 @@ class StepLog:
         self.samples += self.cfg.batch.global_batch
         if self.strategy.stage == 0 and batch is not None:  # the last stage reads the same samples: once
             self.skipped += sum(batch["skipped"].values())
+            self.skip_reasons.update(batch["skipped"])
 
     def log(self, step: int) -> bool:
         """The step line and metrics; False if a loss since the last log line was not finite."""
@@ -134,6 +137,11 @@ class StepLog:
                       **{f"time/{name}": seconds / elapsed for name, seconds in phases.items()})
         if peak_memory is not None:
             logged["peak_memory_gb"] = peak_memory / 2**30
+        if skipped:  # rare: then every rank's reasons as host objects (no gradient), logged as skipped/<reason>
+            per_rank = [None] * dist.get_world_size()
+            dist.all_gather_object(per_rank, dict(self.skip_reasons))
+            reasons = sum(map(Counter, per_rank), Counter())
+            logged.update({f"skipped/{reason.replace(' ', '_')}": n for reason, n in reasons.items()})
         queues = self.strategy.queues  # None without queues, and on pipeline stages without the loss
         if queues is not None:  # host-side counters, the same on every rank
             logged["queue_fill"] = min(queues.filled, queues.size) / queues.size
