@@ -69,6 +69,9 @@ def spoil_first_samples(shard: Path) -> None:
 
 
 def test_the_view_charts_what_the_run_logged_and_every_evaluation_left_a_picture_and_tables(tracked_run):
+    import mlflow
+
+    assert mlflow.__version__ == dashboard.MLFLOW_VERSION, "a new MLflow: check wenlan/dashboard.py's view format"
     client, run = tracked_run["client"], tracked_run["run"]
     experiment = client.get_experiment(run.info.experiment_id)
     tag = dashboard.TAG_PREFIX + dashboard.VIEW_ID

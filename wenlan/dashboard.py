@@ -8,9 +8,9 @@ The format is not documented; it is read from that version's frontend bundle
 (``mlflow/server/js/build/static/js``: the ``sharedViewState`` saved-view code). The tag holds a JSON
 envelope ``{"name", "createdAt", "updatedAt", "state"}`` (milliseconds, at most 20,000 characters in
 all); ``state`` is a JSON string, or ``deflate;`` + base64 of its zlib stream as the UI itself writes
-it and as here (a view of 30 charts is ~18,000 characters of plain JSON, ~2,000 deflated), of the
-experiment page's search facets and UI state, of which the view
-uses ``compareRunCharts`` (chart cards), ``compareRunSections`` (their sections, in order),
+it and as here (26 charts: ~16,000 characters of plain JSON, ~2,500 deflated), of the experiment
+page's search facets and UI state, of which the view uses ``compareRunCharts`` (chart cards),
+``compareRunSections`` (their sections), ``isAccordionReordered`` (keep the sections in this order),
 ``selectedColumns`` and ``hideEmptyCharts``; the UI fills every other field with its default. A card
 is the UI's ``RunsChartsLineCardConfig`` as its constructor sets it. The UI adds a generated chart for
 every metric that no card has as ``metricKey``, in a section named after the metric's prefix: so every
@@ -24,7 +24,7 @@ import json
 import uuid
 import zlib
 
-MLFLOW_VERSION = "3.17.2"
+MLFLOW_VERSION = "3.17.2"  # tests/test_dashboard.py fails on another: check the format there first
 TAG_PREFIX = "mlflow.sharedViewState."
 VIEW_ID = "wenlan-training"
 """One fixed id, so that every run of the experiment updates the same view and its URL never changes."""
