@@ -10,7 +10,7 @@ OBJECTIVE ?= brivl
 # brivl keeps outputs/demo(-seedN); another objective trains into outputs/demo-OBJECTIVE(-seedN).
 DEMO_OUT := outputs/demo$(if $(filter brivl,$(OBJECTIVE)),,-$(OBJECTIVE))$(if $(filter 0,$(SEED)),,-seed$(SEED))
 
-.PHONY: setup demo demo-data test slurm bench presets mlflow-server clean
+.PHONY: setup demo demo-data test slurm chromium bench presets mlflow-server clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,13 @@ test: setup
 slurm:
 	@command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null || { \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slurm-wlm; }
+
+# Chromium for tests/test_dashboard.py (Playwright drives Debian's build: `playwright install` is not used) and
+# a CJK font for the retrieval pictures' Chinese captions (Debian/Ubuntu, as root; nothing if already there).
+chromium:
+	@command -v chromium >/dev/null && test -e /usr/share/fonts/truetype/wqy/wqy-microhei.ttc || { \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	  chromium fonts-wqy-microhei; }
 
 bench: setup
 	DS_ACCELERATOR=cpu $(PY) bench/engine_overhead.py

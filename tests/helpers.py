@@ -5,6 +5,8 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -104,3 +106,33 @@ def equivalence_args(data: Path, out: Path, ds: str, steps: int, queue: int, pre
             "--train-shards", str(data / "train-{000000..000007}.tar"), "--val-shards", str(data / "val-000000.tar"),
             "--max-steps", str(steps), "--output-dir", str(out), "--queue-size", str(queue), "--log-every", "1",
             "--save-every", "2", "--data-streams", "4", "--mlflow-uri", f"sqlite:///{out.parent / 'mlflow.db'}"]
+
+
+class Server:
+    """`make mlflow-server` on 127.0.0.1 with a SQLite store, started and killed by PID."""
+
+    def __init__(self, root: Path, port: int):
+        self.root, self.port, self.proc = root, port, None
+        self.uri = f"http://127.0.0.1:{port}"
+
+    def start(self) -> "Server":
+        log = open(self.root / "server.log", "a")
+        self.proc = subprocess.Popen(
+            ["make", "--no-print-directory", "mlflow-server", f"MLFLOW_STORE=sqlite:///{self.root / 'mlflow.db'}",
+             f"MLFLOW_ARTIFACTS={self.root / 'artifacts'}", f"MLFLOW_PORT={self.port}", "MLFLOW_ARGS=--workers 1"],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                pass
+            assert self.proc.poll() is None, (self.root / "server.log").read_text()[-3000:]
+            time.sleep(1)
+        raise TimeoutError(f"mlflow server did not answer /health in 240 s: {(self.root / 'server.log').read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)  # make, the server and its uvicorn worker
+        self.proc.wait()

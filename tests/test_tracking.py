@@ -3,46 +3,12 @@ never existed: the tracker keeps, retries and finally delivers or counts every r
 run with the status it was given."""
 
 import logging
-import os
-import signal
-import subprocess
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, free_port
+from tests.helpers import Server, free_port
 from wenlan.tracking import Tracker
-
-class Server:
-    """`make mlflow-server` on 127.0.0.1 with a SQLite store, started and killed by PID."""
-
-    def __init__(self, root: Path, port: int):
-        self.root, self.port, self.proc = root, port, None
-        self.uri = f"http://127.0.0.1:{port}"
-
-    def start(self) -> "Server":
-        log = open(self.root / "server.log", "a")
-        self.proc = subprocess.Popen(
-            ["make", "--no-print-directory", "mlflow-server", f"MLFLOW_STORE=sqlite:///{self.root / 'mlflow.db'}",
-             f"MLFLOW_ARTIFACTS={self.root / 'artifacts'}", f"MLFLOW_PORT={self.port}", "MLFLOW_ARGS=--workers 1"],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except OSError:
-                pass
-            assert self.proc.poll() is None, (self.root / "server.log").read_text()[-3000:]
-            time.sleep(1)
-        raise TimeoutError(f"mlflow server did not answer /health in 240 s: {(self.root / 'server.log').read_text()[-3000:]}")
-
-    def kill(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)  # make, the server and its uvicorn worker
-        self.proc.wait()
 
 
 @pytest.fixture

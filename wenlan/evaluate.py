@@ -13,6 +13,9 @@ Unimodal retrieval (``unimodal=True``, for the objectives that claim unimodal ga
 image -> image ranks the second views of all images (the training crop, drawn from each image's key)
 for each image's eval view, text -> text ranks the second textual views of all images (the tags, or
 the augmented first caption) for each caption. Keys ``r{K}_i2i`` and ``r{K}_t2t``.
+
+Retrieval examples (``examples=[]``, what training's picture of each evaluation shows): the first few
+validation images, each with its top-5 captions of all, scored and marked correct or not.
 """
 
 import argparse
@@ -25,6 +28,7 @@ from wenlan.data.pipeline import DataConfig, make_eval_loader
 from wenlan.data.transforms import model_images
 
 KS = (1, 5, 10)
+EXAMPLE_IMAGES, EXAMPLE_CAPTIONS = 4, 5
 
 
 def group_rows(keys: list[str]) -> tuple[list[int], torch.Tensor]:
@@ -41,16 +45,19 @@ def group_rows(keys: list[str]) -> tuple[list[int], torch.Tensor]:
 
 
 @torch.no_grad()
-def embed_pairs(model, loader, second: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def embed_pairs(model, loader, second: dict | None = None, keep: dict | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """(N, E) embeddings of every val image, (T, E) of every caption, (T,) the image of each caption,
     and how many samples were skipped. Each image is embedded once, however many captions it has.
     ``second``: filled with the (N, E) embeddings of each image's second image and text views
-    (``image2``, ``text2``) when the loader gives them."""
+    (``image2``, ``text2``) when the loader gives them. ``keep``: filled with the pixels of the first
+    ``EXAMPLE_IMAGES`` images (``pixels``, uint8 (n, 3, H, W)) and every caption's token ids without
+    padding (``captions``, T lists), for retrieval examples."""
     was_training = model.training
     model.eval()
     images, texts, keys, skipped = [], [], set(), 0
     images2, texts2 = [], []
-    all_keys = []
+    all_keys, shown, captions = [], [], []
     param = next(model.parameters())
     for batch in loader:
         skipped += sum(batch["skipped"].values())
@@ -61,6 +68,8 @@ def embed_pairs(model, loader, second: dict | None = None) -> tuple[torch.Tensor
         if rows:
             pixels = model_images(batch["images"][rows], batch["colour_maps"][rows], param.device, param.dtype)
             images.append(model.encode_image(pixels).float().cpu())
+            if keep is not None and sum(len(p) for p in shown) < EXAMPLE_IMAGES:
+                shown.append(batch["images"][rows][:EXAMPLE_IMAGES].clone())
             if second is not None and "images2" in batch:
                 pixels = model_images(batch["images2"][rows], batch["colour_maps2"][rows], param.device, param.dtype)
                 images2.append(model.encode_image(pixels).float().cpu())
@@ -70,7 +79,11 @@ def embed_pairs(model, loader, second: dict | None = None) -> tuple[torch.Tensor
                                        batch["attention_mask"].to(param.device)).float().cpu())
         keys.update(batch["keys"])
         all_keys.extend(batch["keys"])
+        if keep is not None:
+            captions.extend(ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"]))
     model.train(was_training)
+    if keep is not None:
+        keep.update(pixels=torch.cat(shown)[:EXAMPLE_IMAGES], captions=captions)
     if second is not None and images2:
         second.update(image2=torch.cat(images2), text2=torch.cat(texts2))
     return torch.cat(images), torch.cat(texts), group_rows(all_keys)[1], skipped
@@ -100,6 +113,29 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor,
     return metrics
 
 
+def retrieval_examples(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_image: torch.Tensor,
+                       pixels: torch.Tensor, caption) -> list[dict]:
+    """The first images of ``pixels`` (uint8 (n, 3, H, W)), each with its ``EXAMPLE_CAPTIONS`` best-scored
+    captions of all T (``caption(j)``: the text of caption j, asked for the shown ones only):
+    [{"image", "top": [(text, score, correct)], "truth"}], ``truth`` the image's first caption.
+    image_emb (N, E), text_emb (T, E), caption_image (T,)."""
+    n = min(len(pixels), image_emb.shape[0])
+    scores, top = (image_emb[:n] @ text_emb.t()).topk(min(EXAMPLE_CAPTIONS, text_emb.shape[0]), dim=1)  # (n, 5)
+    return [{"image": pixels[i],
+             "top": [(caption(j), s, caption_image[j].item() == i) for j, s in zip(top[i].tolist(), scores[i].tolist())],
+             "truth": caption((caption_image == i).nonzero()[0].item())}
+            for i in range(n)]
+
+
+def caption_text(tokenizer, ids: list[int]) -> str:
+    """A caption back from its token ids; Chinese characters without the spaces a WordPiece decode puts
+    between them."""
+    import re
+
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return re.sub(r"(?<=[^\x00-\x7f]) (?=[^\x00-\x7f])", "", text).strip()
+
+
 def unimodal_metrics(image_emb: torch.Tensor, image2_emb: torch.Tensor, text_emb: torch.Tensor,
                      text2_emb: torch.Tensor, caption_image: torch.Tensor) -> dict[str, float]:
     """R@K image -> image (each image's view against the N second views) and text -> text (each of the T
@@ -110,15 +146,21 @@ def unimodal_metrics(image_emb: torch.Tensor, image2_emb: torch.Tensor, text_emb
 
 
 def evaluate(model, val_shards: list[str], tokenizer, image_size: int, max_text_len: int,
-             batch_size: int = 128, unimodal: bool = False, color_augment: bool = False) -> dict:
+             batch_size: int = 128, unimodal: bool = False, color_augment: bool = False,
+             examples: list | None = None) -> dict:
     """Cross-modal retrieval metrics, and with ``unimodal`` image->image and text->text ones (the second
-    image view with colour jitter if ``color_augment``)."""
+    image view with colour jitter if ``color_augment``). ``examples``: extended with
+    ``retrieval_examples`` of the first validation images."""
     cfg = DataConfig(shards=list(val_shards), batch_size=batch_size, image_size=image_size,
                      max_text_len=max_text_len, num_workers=0, augment=False, views=unimodal,
                      color_augment=color_augment)
     second = {} if unimodal else None
-    image_emb, text_emb, caption_image, skipped = embed_pairs(model, make_eval_loader(cfg, tokenizer), second)
+    keep = {} if examples is not None else None
+    image_emb, text_emb, caption_image, skipped = embed_pairs(model, make_eval_loader(cfg, tokenizer), second, keep)
     metrics = retrieval_metrics(image_emb, text_emb, caption_image)
+    if examples is not None:
+        examples.extend(retrieval_examples(image_emb, text_emb, caption_image, keep["pixels"],
+                                           lambda j: caption_text(tokenizer, keep["captions"][j])))
     if unimodal:
         metrics.update(unimodal_metrics(image_emb, second["image2"], text_emb, second["text2"], caption_image))
     metrics["skipped"] = skipped

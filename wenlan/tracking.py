@@ -14,11 +14,16 @@ System metrics (CPU, memory, and per GPU utilisation and memory through nvidia-m
 the same thread every ``system_every`` seconds and sent with the rest, so they outlive a server blip
 (MLflow's own monitor thread stops for good at its first failure).
 
+The experiment carries the preset dashboard (``wenlan.dashboard``): a saved chart view that the
+thread sets, and widens whenever the run logs a metric it charts but the view does not have yet.
+Pictures (``log_image``) are drawn on the thread too and logged for MLflow's image grid.
+
 Default store: a SQLite database and an artifact folder next to the run's output directory
 (``outputs/mlflow.db``, ``outputs/mlartifacts`` for ``outputs/demo``), so the demo needs no server and
 all demo runs land in one dashboard: ``mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db``.
 """
 
+import functools
 import json
 import logging
 import os
@@ -83,7 +88,16 @@ class Tracker:
             self._put("text", (Path(path).read_text(), Path(path).name))
 
     def log_dict(self, data: dict, name: str) -> None:
-        self._put("text", (json.dumps(data, indent=2), name))
+        self.log_text(json.dumps(data, indent=2), name)
+
+    def log_text(self, text: str, name: str) -> None:
+        """``text`` as the artifact ``name`` (a path in the run's artifacts, e.g. ``eval/step-000200.txt``)."""
+        self._put("text", (text, name))
+
+    def log_image(self, draw, key: str, step: int) -> None:
+        """The PIL image that ``draw()`` returns, drawn on the tracker's thread (training does not wait
+        for it), as MLflow's image ``key`` at ``step``: the run's image grid steps through them."""
+        self._put("draw", (draw, key, step))
 
     def close(self, status: str = "FINISHED", timeout: float | None = None) -> None:
         """End the run with ``status``; wait for the sender at most ``timeout`` (default
@@ -118,7 +132,12 @@ class _Sender:
         self.metrics: list = []  # mlflow.entities.Metric not yet sent, oldest first
         self.params: dict = {}
         self.tags: dict = {}
-        self.artifacts: list[tuple[str, tuple]] = []  # ("text", (text, name)) or ("file", (path, artifact_path))
+        # ("text", (text, name)), ("file", (path, artifact_path)) or ("image", (PIL image, key, step))
+        self.artifacts: list[tuple[str, tuple]] = []
+        self.metric_keys: set[str] = set()  # every metric and image key the run logs, for the dashboard
+        self.view_keys: set[str] | None = None  # the metrics the experiment's view charts (None: not read yet)
+        self.view_created = 0
+        self.image_step, self.view_image_step = 0, 0  # the newest picture's step, and the view's
         self.status: str | None = None
         self.failing_since: float | None = None
         self.next_try = 0.0
@@ -165,6 +184,8 @@ class _Sender:
                 self.params.update(payload)
             elif kind in ("text", "file"):
                 self.artifacts.append((kind, payload))
+            elif kind == "draw":
+                self._draw(*payload)
             elif kind == "tags":
                 self.tags.update(payload)
             elif kind == "close":
@@ -174,9 +195,22 @@ class _Sender:
             except queue.Empty:
                 item = None
 
+    def _draw(self, draw, key: str, step: int) -> None:
+        try:
+            image = draw()
+        except Exception:  # noqa: BLE001 - a picture that cannot be drawn costs the picture, nothing else
+            if not self.t.dropped["images (drawing failed)"]:
+                log.exception("drawing the MLflow image %r failed; training continues without it", key)
+            self.t.dropped["images (drawing failed)"] += 1
+            return
+        self.artifacts.append(("image", (image, key, step)))
+        self.metric_keys.add(key)
+        self.image_step = max(self.image_step, step)
+
     def _add_metrics(self, values: dict, step: int, stamp: int) -> None:
         from mlflow.entities import Metric
 
+        self.metric_keys.update(values)
         self.metrics.extend(Metric(k, v, stamp, step) for k, v in values.items())
         excess = len(self.metrics) - self.t.max_pending
         if excess > 0:  # the store has been away for long: keep the newest
@@ -186,7 +220,7 @@ class _Sender:
     def _send(self) -> bool:
         """Try to send everything pending; True if nothing is left."""
         if not (self._open() and self._send_params() and self._send_tags() and self._send_metrics()
-                and self._send_artifacts()):
+                and self._send_view() and self._send_artifacts()):
             self.next_try = time.monotonic() + self.t.retry_every
             return False
         return True
@@ -223,6 +257,8 @@ class _Sender:
             experiment_id = self.client.create_experiment(self.t.experiment, artifact_location=artifacts)
         else:
             experiment_id = experiment.experiment_id
+        self._read_view(experiment)
+        self.experiment_id = experiment_id
         id_file = self.t.output_dir / "mlflow_run_id"
         run_id = id_file.read_text().strip() if id_file.exists() else None
         if run_id is not None:  # a resumed run continues its MLflow run
@@ -239,6 +275,38 @@ class _Sender:
         self.existing_params = set(self.client.get_run(run_id).data.params)
         self.t.run_id = run_id
         log.info("MLflow run %s in %s", run_id, self.t.uri)
+
+    def _read_view(self, experiment) -> None:
+        """The metrics the experiment's view charts already (other runs may have widened it)."""
+        from wenlan import dashboard
+
+        value = experiment.tags.get(dashboard.TAG_PREFIX + dashboard.VIEW_ID) if experiment is not None else None
+        self.view_keys, self.view_created = set(), int(time.time() * 1000)
+        if value is None:
+            return
+        try:
+            self.view_keys = dashboard.keys_in_view(value)
+            self.view_created = int(json.loads(value).get("createdAt", self.view_created))
+        except (ValueError, TypeError, AttributeError):  # edited into something else: set ours anew
+            log.warning("the MLflow view %s of experiment %s is not one this version reads; rewriting it",
+                        dashboard.VIEW_ID, self.t.experiment)
+
+    def _send_view(self) -> bool:
+        """Set (or widen) the experiment's preset view when the run logs a metric it does not chart yet,
+        and move its image grid to the newest picture."""
+        from wenlan import dashboard
+
+        charted = dashboard.shown(self.metric_keys)
+        if charted <= self.view_keys and self.image_step == self.view_image_step:
+            return True
+        keys, step = self.view_keys | charted, self.image_step
+        tag, value = dashboard.view_tag(keys, self.view_created, int(time.time() * 1000), step)
+        if not self._attempt(lambda: self.client.set_experiment_tag(self.experiment_id, tag, value)):
+            return False
+        if not self.view_keys and self.t.uri.startswith(("http://", "https://")):
+            log.info("MLflow dashboard: %s", dashboard.view_url(self.t.uri, self.experiment_id))
+        self.view_keys, self.view_image_step = keys, step
+        return True
 
     def _send_params(self) -> bool:
         from mlflow.entities import Param
@@ -264,9 +332,15 @@ class _Sender:
     def _send_artifacts(self) -> bool:
         """After the metrics: a large file (the exported model) must not hold them back."""
         while self.artifacts:
-            kind, (source, name) = self.artifacts[0]
-            upload = self.client.log_text if kind == "text" else self.client.log_artifact
-            if not self._attempt(lambda: upload(self.t.run_id, source, name)):
+            kind, payload = self.artifacts[0]
+            if kind == "image":
+                image, key, step = payload
+                upload = functools.partial(self.client.log_image, self.t.run_id, image, key=key, step=step,
+                                           synchronous=True)
+            else:
+                upload = functools.partial(self.client.log_text if kind == "text" else self.client.log_artifact,
+                                           self.t.run_id, *payload)
+            if not self._attempt(upload):
                 return False
             self.artifacts.pop(0)
         return True

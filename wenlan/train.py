@@ -10,6 +10,8 @@ import math
 import sys
 import time
 import warnings
+from collections import Counter
+from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by the deepspeed launcher
@@ -94,6 +96,7 @@ class StepLog:
 
     def _reset(self) -> None:
         self.start, self.data_wait, self.samples, self.skipped = time.perf_counter(), 0.0, 0, 0
+        self.skip_reasons: Counter = Counter()
 
     def losses_finite(self) -> bool:
         """Whether every loss since the last log line was finite, agreed by every rank (a one-element
@@ -110,6 +113,7 @@ class StepLog:
         self.samples += self.cfg.batch.global_batch
         if self.strategy.stage == 0 and batch is not None:  # the last stage reads the same samples: once
             self.skipped += sum(batch["skipped"].values())
+            self.skip_reasons.update(batch["skipped"])
 
     def log(self, step: int) -> bool:
         """The step line and metrics; False if a loss since the last log line was not finite."""
@@ -138,6 +142,14 @@ class StepLog:
                       **{f"time/{name}": seconds / elapsed for name, seconds in phases.items()})
         if peak_memory is not None:
             logged["peak_memory_gb"] = peak_memory / 2**30
+        if skipped:  # rare: then every rank's reasons as host objects (no gradient), logged as skipped/<reason>
+            per_rank = [None] * dist.get_world_size()
+            dist.all_gather_object(per_rank, dict(self.skip_reasons))
+            reasons = sum(map(Counter, per_rank), Counter())
+            logged.update({f"skipped/{reason.replace(' ', '_')}": n for reason, n in reasons.items()})
+        queues = self.strategy.queues  # None without queues, and on pipeline stages without the loss
+        if queues is not None:  # host-side counters, the same on every rank
+            logged["queue_fill"] = min(queues.filled, queues.size) / queues.size
         grad_norm = self.strategy.grad_norm()  # before clipping
         if grad_norm is not None:
             logged["grad_norm"] = float(grad_norm)
@@ -259,6 +271,7 @@ def run(cfg: TrainConfig) -> dict:
 
     from wenlan.data.pipeline import start_worker_server
     from wenlan.data.tokenizer import load_tokenizer
+    from wenlan.eval_picture import retrieval_picture
     from wenlan.evaluate import format_table
     from wenlan.parallel import checkpoint as ckpt
     from wenlan.parallel.engine import init_distributed
@@ -290,13 +303,19 @@ def run(cfg: TrainConfig) -> dict:
         log.info(describe_weights(cfg, resumed=progress.step > 0))
 
     def evaluate() -> dict:
+        examples = [] if rank == 0 else None  # the picture's images and their top captions (rank 0 logs it)
         with strategy.timer.phase("eval"):
-            metrics = strategy.evaluate(tokenizer)
+            metrics = strategy.evaluate(tokenizer, examples)
         if rank == 0:
             ckpt.write_json(out / "eval.json", metrics)
-            print(f"[eval step {progress.step}]\n{format_table(metrics)}", flush=True)
+            table = format_table(metrics)
+            print(f"[eval step {progress.step}]\n{table}", flush=True)
             tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=progress.step)
             tracker.log_artifact(out / "eval.json")
+            tracker.log_dict(metrics, f"eval/step-{progress.step:08d}.json")  # every evaluation's, kept
+            tracker.log_text(table + "\n", f"eval/step-{progress.step:08d}.txt")
+            if examples:  # drawn on the tracker's thread
+                tracker.log_image(partial(retrieval_picture, examples, progress.step), "retrieval", progress.step)
         return metrics
 
     steps = StepLog(cfg, strategy, tracker, *training_flops(cfg, strategy.device, rank == 0))

@@ -146,7 +146,9 @@ class Strategy:
     def train_step(self, batch: dict | None, use_queue: bool) -> None:
         raise NotImplementedError
 
-    def evaluate(self, tokenizer) -> dict:
+    def evaluate(self, tokenizer, examples: list | None = None) -> dict:
+        """Retrieval metrics on every rank; ``examples`` extended with ``wenlan.evaluate``'s retrieval
+        examples where the strategy has them (not through a pipeline)."""
         raise NotImplementedError
 
     def after_step(self, momentum: float) -> None:
@@ -271,12 +273,13 @@ class PlainStrategy(Strategy):
     def grad_norm(self):
         return self._grad_norm if self._own_grad_norm else super().grad_norm()
 
-    def evaluate(self, tokenizer) -> dict:
+    def evaluate(self, tokenizer, examples: list | None = None) -> dict:
         from wenlan.evaluate import evaluate
 
         image, text = self.cfg.model.image, self.cfg.model.text
         return evaluate(self.objective.model, self.cfg.val_shards, tokenizer, image.image_size, text.max_len,
-                        unimodal=self.cfg.objective.spec.unimodal, color_augment=self.cfg.color_augment)
+                        unimodal=self.cfg.objective.spec.unimodal, color_augment=self.cfg.color_augment,
+                        examples=examples)
 
 
 class PipelineStrategy(Strategy):
@@ -300,7 +303,7 @@ class PipelineStrategy(Strategy):
         if self.objective is not None and self.objective.gather is not None:
             self.objective.gather.launch()
 
-    def evaluate(self, tokenizer) -> dict:
+    def evaluate(self, tokenizer, examples: list | None = None) -> dict:
         from wenlan.parallel.pipeline import evaluate_pipeline
 
         return evaluate_pipeline(self.engine, self.cfg, tokenizer, self.image_dtype)
