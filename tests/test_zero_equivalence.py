@@ -196,9 +196,11 @@ def test_kill9_at_random_steps_then_resume_auto_is_bitwise_equal(runs, data, tmp
 @pytest.mark.parametrize("source, ranks, stage", [("zero3-2rank", 1, 1), ("zero1-2rank", 1, 0), ("zero0-1rank", 2, 3)])
 def test_reshard_then_resume_on_another_world_size(runs, data, tmp_path, source, ranks, stage):
     """2 ranks -> convert -> 1 rank, and 1 -> 2, across ZeRO stages: the converted checkpoint holds the
-    saved momentum towers, queues and weights, and the resumed run ends where the uninterrupted reference
-    ends."""
-    from wenlan.parallel.checkpoint import read_consolidated
+    saved momentum towers, queues and weights, and Adam's moments as DeepSpeed's in-memory reassembly
+    gives them (bit for bit: the converter streams them by byte range instead), and the resumed run ends
+    where the uninterrupted reference ends."""
+    from tests.reshard_reference import in_memory_moments
+    from wenlan.parallel.checkpoint import PortableTag, read_consolidated
     from wenlan.parallel.reshard import reshard
 
     saved_tag = runs[source] / "checkpoints" / "step00000006"
@@ -209,6 +211,12 @@ def test_reshard_then_resume_on_another_world_size(runs, data, tmp_path, source,
     assert set(saved) == set(portable) and saved_run["data_position"] == portable_run["data_position"]
     for name in saved:
         assert torch.equal(saved[name], portable[name]), name
+    moments, adam_step = in_memory_moments(saved_tag)
+    tag = PortableTag(converted / "step00000006")
+    assert tag.small["adam_step"] == adam_step == 6 and len(tag.moments.keys()) == 2 * len(moments["exp_avg"])
+    for key, per_name in moments.items():
+        for name, tensor in per_name.items():
+            assert torch.equal(tag.moments.read(f"{key}.{name}"), tensor), f"{key} of {name}"
 
     out = tmp_path / "resumed"
     micro = GLOBAL_BATCH // 2

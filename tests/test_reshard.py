@@ -1,0 +1,130 @@
+"""``wenlan.parallel.reshard`` streams: tensors are read from the ZeRO files by byte range and written one
+at a time, so the converter's memory is bounded by the largest tensor, not the checkpoint. The files it
+reads and writes are checked against torch and safetensors' own readers; the resumed runs themselves are
+checked against uninterrupted ones in test_zero_equivalence."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_tools.make_demo_data import write_demo_shards
+from tests.helpers import DEEPSPEED, ROOT, cpu_env, free_port
+from wenlan.parallel.tensorfile import SafetensorsFile, SafetensorsWriter, TorchFile
+
+
+def test_torch_file_reads_each_tensor_as_torch_load_does(tmp_path):
+    """Views into shared storages, a transposed (non-contiguous) tensor, a Parameter, bf16 and ints,
+    inside the containers DeepSpeed saves."""
+    from collections import OrderedDict
+
+    base = torch.randn(6, 5)
+    saved = {"weight": base, "row": base[2], "transposed": base.t(), "param": torch.nn.Parameter(torch.randn(4)),
+             "groups": [torch.arange(10)[3:8], torch.randn(7).bfloat16()],
+             "state": OrderedDict(step=3, shape=torch.Size([6, 5]), empty=torch.zeros(0))}
+    torch.save(saved, tmp_path / "f.pt")
+    expected = torch.load(tmp_path / "f.pt", weights_only=False)
+    lazy = TorchFile(tmp_path / "f.pt")
+    got = lazy.materialize(lazy.obj)
+    for name in ("weight", "row", "transposed", "param"):
+        assert torch.equal(got[name], expected[name]), name
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got["groups"], expected["groups"]))
+    assert got["state"]["step"] == 3 and got["state"]["shape"] == torch.Size([6, 5]) and got["state"]["empty"].numel() == 0
+    assert torch.equal(lazy.read_flat(lazy.obj["row"], 1, 4), base[2, 1:4])  # a range of a view: its bytes only
+
+
+def test_safetensors_writer_is_read_back_by_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    tensors = {"a": torch.randn(3, 5), "b.c": torch.arange(7), "h": torch.randn(2, 2).bfloat16(), "e": torch.zeros(0, 4)}
+    writer = SafetensorsWriter(tmp_path / "t.safetensors", [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()],
+                               {"format": "test"})
+    with pytest.raises(ValueError, match="the header's next tensor is 'a'"):
+        writer.write("b.c", tensors["b.c"])
+    for name, tensor in tensors.items():
+        writer.write(name, tensor)
+    writer.close()
+    loaded = load_file(str(tmp_path / "t.safetensors"))
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[n], t) for n, t in tensors.items())
+    ours = SafetensorsFile(tmp_path / "t.safetensors")
+    assert ours.metadata == {"format": "test"} and torch.equal(ours.read("h"), tensors["h"])
+    assert torch.equal(ours.read_flat("a", 4, 12), tensors["a"].reshape(-1)[4:12])  # cuts rows: a flat range
+
+
+def _peak_rss_mb(cmd: list[str]) -> float:
+    """A child process's peak resident set (ru_maxrss, KiB on Linux) in MiB; fails on a non-zero exit."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.stdout.close()
+    assert os.waitstatus_to_exitcode(status) == 0, output.decode()[-4000:]
+    return usage.ru_maxrss / 1024
+
+
+def test_converter_peak_memory_is_bounded_by_the_largest_tensor(tmp_path):
+    """A 2-rank ZeRO-3 checkpoint of a ~35M-parameter model (~0.5 GB of fp32 state: masters, moments,
+    momentum partitions) converted in a child process: its peak RSS above the same process that only
+    opens the checkpoint (imports, the files' structure, the model built on the meta device) stays under
+    3x the largest tensor and far under the checkpoint's size."""
+    data, out = tmp_path / "data", tmp_path / "wide"
+    try:
+        write_demo_shards(data, n_train=64, n_val=16, seed=5, image_size=64, shard_size=32, quiet=True)
+        ds = json.loads((ROOT / "ds_configs" / "cpu_tiny.json").read_text())
+        ds.update(train_micro_batch_size_per_gpu=8, zero_optimization={"stage": 3})
+        (tmp_path / "ds.json").write_text(json.dumps(ds))
+        cmd = [DEEPSPEED, "--num_accelerators", "2", "--master_port", str(free_port()), str(ROOT / "tests" / "wide_train.py"),
+               "--deepspeed_config", str(tmp_path / "ds.json"), "--preset", "tiny", "--tokenizer", str(data / "tokenizer"),
+               "--train-shards", str(data / "train-{000000..000001}.tar"), "--val-shards", str(data / "val-000000.tar"),
+               "--max-steps", "1", "--output-dir", str(out), "--queue-size", "64", "--data-streams", "2",
+               "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+        proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+        tag = out / "checkpoints" / "step00000001"
+        checkpoint_mb = sum(f.stat().st_size for f in tag.iterdir()) / 2**20
+
+        opened = _peak_rss_mb([sys.executable, "-c", "import sys; from wenlan.parallel.reshard import ZeroTag; "
+                               "ZeroTag(sys.argv[1])", str(tag)])
+        converted = _peak_rss_mb([sys.executable, "-m", "wenlan.parallel.reshard", "--checkpoint", str(tag),
+                                  "--out", str(tmp_path / "converted")])
+        files = [SafetensorsFile(tmp_path / "converted" / tag.name / name)
+                 for name in ("weights.safetensors", "moments.safetensors")]
+        largest_mb = max(f.read_flat(n, 0, 0).element_size() * torch.Size(f.shape(n)).numel()
+                         for f in files for n in f.keys()) / 2**20
+        extra = converted - opened
+        print(f"\nconverter peak RSS {converted:.0f} MiB, {opened:.0f} MiB of it before any tensor is read: "
+              f"{extra:.0f} MiB for the tensors, against a {checkpoint_mb:.0f} MiB checkpoint whose largest tensor "
+              f"is {largest_mb:.0f} MiB")
+        assert checkpoint_mb > 400 and largest_mb < checkpoint_mb / 10  # the sizes the bound is about
+        assert extra < 3 * largest_mb, f"{extra:.0f} MiB over the baseline, largest tensor {largest_mb:.0f} MiB"
+    finally:  # ~1 GB: CI disks are small
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(tmp_path / "converted", ignore_errors=True)
+
+
+def test_a_portable_tag_of_the_single_file_layout_still_loads(tmp_path):
+    """Tags converted before the conversion streamed hold everything in one ``portable.pt`` and have no
+    ``layout`` in complete.json: they still resume and export."""
+    from wenlan.parallel.checkpoint import COMPLETE, PORTABLE, PortableTag, read_consolidated, read_partition
+
+    tag = tmp_path / "checkpoints" / "step00000004"
+    tag.mkdir(parents=True)
+    weights = {"a.weight": torch.randn(3, 4), "b.bias": torch.randn(5)}
+    queues = dict(image=torch.randn(8, 2), text=torch.randn(8, 2), ids=torch.arange(8), ptr=4, filled=8, size=8,
+                  shard=0, num_shards=1)
+    torch.save(dict(weights=weights, moments={"exp_avg": {"a.weight": torch.ones(3, 4)},
+                                              "exp_avg_sq": {"a.weight": torch.zeros(3, 4)}},
+                    adam_step=4, lr_scheduler={}, engine_counters={}, queues=queues, run_state={"step": 4}),
+               tag / PORTABLE)
+    (tag / COMPLETE).write_text(json.dumps({"step": 4, "world_size": None, "format": "portable", "zero_stage": None}))
+    state, run_state = read_consolidated(tag.parent)
+    assert run_state == {"step": 4} and torch.equal(state["a.weight"], weights["a.weight"])
+    assert torch.equal(state["queues.image"], queues["image"]) and state["queues.ptr"].item() == 4
+    portable = PortableTag(tag)
+    assert torch.equal(read_partition(portable.weights, "b.bias", 3, 3), torch.cat([weights["b.bias"][3:], torch.zeros(1)]))
+    assert torch.equal(portable.moments.read("exp_avg.a.weight"), torch.ones(3, 4))
+    assert portable.queues()["ptr"] == 4 and set(portable.weight_map()) == set(weights)
