@@ -515,7 +515,7 @@ def load_portable(engine, module, ema, portable: PortableTag) -> dict:
     for name, p in trainable:
         if zero3:  # rank r holds [r * P, (r + 1) * P) of the flattened parameter, zero-padded at the end
             size = p.ds_tensor.numel()
-            start = dist.get_rank(group=p.ds_process_group) * size
+            start = dist.get_rank(group=getattr(p, "ds_process_group", None)) * size  # as DeepSpeed's setters
             safe_set_local_fp32_param(p, read_partition(weights, name, start, size))
             for key in MOMENTS:
                 safe_set_local_optimizer_state(p, read_partition(moments, f"{key}.{name}", start, size), key)
