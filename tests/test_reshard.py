@@ -127,3 +127,16 @@ def test_a_portable_tag_of_the_single_file_layout_still_loads(tmp_path):
     assert torch.equal(read_partition(portable.weights, "b.bias", 3, 3), torch.cat([weights["b.bias"][3:], torch.zeros(1)]))
     assert torch.equal(portable.moments.read("exp_avg.a.weight"), torch.ones(3, 4))
     assert portable.queues()["ptr"] == 4 and set(portable.weight_map()) == set(weights)
+
+
+@pytest.mark.parametrize("zero_stage, expected", [(None, True), (3, False)])
+def test_bf16_optimizer_is_told_from_zero_by_the_file_structure(tmp_path, zero_stage, expected):
+    """Runs in bf16 name ZeRO's optimizer files ``bf16_*`` too; only DeepSpeed's bf16 optimizer's state lacks
+    ``zero_stage``. The check reads no tensor of the (at 10B, multi-GB) file."""
+    from wenlan.parallel.checkpoint import is_bf16_optimizer
+
+    state = {"single_partition_of_fp32_groups": [torch.randn(8)]}
+    if zero_stage is not None:
+        state["zero_stage"] = zero_stage
+    torch.save({"optimizer_state_dict": state}, tmp_path / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    assert is_bf16_optimizer(tmp_path) is expected

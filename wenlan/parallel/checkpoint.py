@@ -287,10 +287,12 @@ def _is_bf16_optimizer_state(optimizer_state: dict) -> bool:
 
 
 def is_bf16_optimizer(tag_dir: Path) -> bool:
-    """Written by DeepSpeed's bf16 optimizer (reads one rank's optimizer file)."""
+    """Written by DeepSpeed's bf16 optimizer. Reads the structure of one rank's optimizer file, none of its
+    tensors: ZeRO's files of bf16 runs carry the same ``bf16_`` name and hold a rank's whole optimizer state."""
+    from wenlan.parallel.tensorfile import TorchFile
+
     files = _bf16_optimizer_files(tag_dir)
-    return bool(files) and _is_bf16_optimizer_state(
-        torch.load(files[0], map_location="cpu", weights_only=False)["optimizer_state_dict"])
+    return bool(files) and _is_bf16_optimizer_state(TorchFile(files[0]).obj["optimizer_state_dict"])
 
 
 def _bf16_optimizer_masters(tag_dir: Path, config: dict, module: dict) -> dict[str, torch.Tensor] | None:
