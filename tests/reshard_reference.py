@@ -39,3 +39,23 @@ def in_memory_moments(tag_dir: Path) -> tuple[dict, int]:
     step = int(next(iter(inner[0].values()))["step"])
     names = set(ckpt.optimizer_order(config))  # the reassembly also returns buffers: keep the parameters
     return {key: {n: t.contiguous() for n, t in states[key].items() if n in names} for key in MOMENTS}, step
+
+
+def assert_conversion_is_exact(saved_tag: Path, converted: Path) -> None:
+    """The converted tag under the checkpoints dir ``converted`` holds, bit for bit, the weights, queues
+    and data position that ``read_consolidated`` reads from ``saved_tag`` and the moments and step of
+    ``in_memory_moments``."""
+    from wenlan.parallel.checkpoint import PortableTag, read_consolidated
+
+    saved, saved_run = read_consolidated(saved_tag)
+    portable, portable_run = read_consolidated(converted)
+    assert set(saved) == set(portable) and saved_run["data_position"] == portable_run["data_position"]
+    for name in saved:
+        assert saved[name].dtype == portable[name].dtype and torch.equal(saved[name], portable[name]), name
+    moments, adam_step = in_memory_moments(saved_tag)
+    tag = PortableTag(Path(converted) / Path(saved_tag).name)
+    assert tag.small["adam_step"] == adam_step == saved_run["step"]
+    assert len(tag.moments.keys()) == 2 * len(moments["exp_avg"])
+    for key, per_name in moments.items():
+        for name, tensor in per_name.items():
+            assert torch.equal(tag.moments.read(f"{key}.{name}"), tensor), f"{key} of {name}"
