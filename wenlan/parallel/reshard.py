@@ -61,14 +61,20 @@ class _Concat:
     def numel(self) -> int:
         return self.starts[-1]
 
-    def read(self, start: int, end: int) -> torch.Tensor:
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts[0][1].dtype
+
+    def read(self, start: int, end: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements [start, end), read straight into ``out`` (or a new tensor): no second copy to join pieces."""
         if not 0 <= start <= end <= self.numel():
             raise IndexError(f"range [{start}, {end}) of flat groups holding {self.numel()} elements")
-        pieces = []
+        out = torch.empty(end - start, dtype=self.dtype) if out is None else out
         for (file, ref), lo, hi in zip(self.parts, self.starts, self.starts[1:]):
             if lo < end and start < hi:
-                pieces.append(file.read_flat(ref, max(start, lo) - lo, min(end, hi) - lo))
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces else torch.empty(0)
+                a, b = max(start, lo), min(end, hi)
+                file.read_flat(ref, a - lo, b - lo, out=out[a - start:b - start])
+        return out
 
 
 class ZeroTag:
@@ -258,13 +264,10 @@ def _zero3_reader(ranks: list[_Concat], offset: int, shape: tuple) -> Reader:
     part = math.ceil(numel / len(ranks))
 
     def read():
-        pieces, left = [], numel
-        for flat in ranks:  # only the unpadded elements of each partition are read
-            take = min(part, left)
-            if take > 0:
-                pieces.append(flat.read(offset, offset + take))
-            left -= take
-        whole = torch.cat(pieces) if len(pieces) > 1 else pieces[0] if pieces else torch.empty(0)
+        whole = torch.empty(numel, dtype=ranks[0].dtype)
+        for r, flat in enumerate(ranks):  # only the unpadded elements of each partition are read
+            lo, hi = min(r * part, numel), min((r + 1) * part, numel)
+            flat.read(offset, offset + hi - lo, out=whole[lo:hi])
         return whole.float().view(shape)
     return read
 

@@ -32,17 +32,29 @@ SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16:
 DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
-def _read_exact(path: str, offset: int, nbytes: int) -> bytearray:
-    buffer = bytearray(nbytes)
+def _read_into(path: str, offset: int, view: memoryview) -> None:
+    """Fill ``view`` with the file's bytes from ``offset`` on."""
     with open(path, "rb", buffering=0) as f:
         f.seek(offset)
-        view, done = memoryview(buffer), 0
-        while done < nbytes:  # readinto may return less than asked (large reads, network file systems)
+        done = 0
+        while done < len(view):  # readinto may return less than asked (large reads, network file systems)
             n = f.readinto(view[done:])
             if not n:
-                raise EOFError(f"{path}: wanted {nbytes} bytes at {offset}, the file ends after {done}")
+                raise EOFError(f"{path}: wanted {len(view)} bytes at {offset}, the file ends after {done}")
             done += n
+
+
+def _read_exact(path: str, offset: int, nbytes: int) -> bytearray:
+    buffer = bytearray(nbytes)
+    _read_into(path, offset, memoryview(buffer))
     return buffer
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """A writable view of a contiguous CPU tensor's bytes."""
+    if not tensor.is_contiguous() or tensor.device.type != "cpu":
+        raise ValueError("reading into a tensor needs a contiguous CPU tensor")
+    return memoryview(tensor.view(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
 
 
 def _tensor_from_bytes(buffer: bytearray, dtype: torch.dtype, shape) -> torch.Tensor:
@@ -164,8 +176,11 @@ class TorchFile:
             self._offsets[key] = info.header_offset + 30 + name_len + extra_len
         return self._offsets[key]
 
-    def read_flat(self, ref: TensorRef, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """Elements [start, end) of the flattened tensor (a contiguous one), reading only those bytes."""
+    def read_flat(self, ref: TensorRef, start: int = 0, end: int | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements [start, end) of the flattened tensor (a contiguous one), reading only those bytes;
+        into ``out`` (end - start elements of the tensor's dtype) if given, which saves a copy when the
+        pieces of one tensor are gathered from several files."""
         if not ref.is_contiguous():
             raise ValueError(f"{self.path}: a non-contiguous tensor {ref.shape} / {ref.stride} cannot be read by range")
         end = ref.numel() if end is None else end
@@ -173,7 +188,12 @@ class TorchFile:
             raise IndexError(f"{self.path}: range [{start}, {end}) of a tensor of {ref.numel()} elements")
         size = torch._utils._element_size(ref.dtype)
         offset = self._data_offset(ref.storage.key) + (ref.offset + start) * size
-        return _tensor_from_bytes(_read_exact(self.path, offset, (end - start) * size), ref.dtype, (end - start,))
+        if out is None:
+            return _tensor_from_bytes(_read_exact(self.path, offset, (end - start) * size), ref.dtype, (end - start,))
+        if out.dtype != ref.dtype or out.numel() != end - start:
+            raise ValueError(f"{self.path}: reading {end - start} {ref.dtype} into {out.numel()} {out.dtype}")
+        _read_into(self.path, offset, _bytes_of(out))
+        return out
 
     def read(self, ref: TensorRef) -> torch.Tensor:
         """The whole tensor (a non-contiguous view reads its storage's span and is made contiguous)."""
