@@ -537,8 +537,12 @@ def load_portable(engine, module, ema, portable: PortableTag) -> dict:
                                                                        where.numel))
         else:
             optimizer.state[p] = {key: moments.read(f"{key}.{name}").to(p.device).clone() for key in MOMENTS}
+    # The step in the type the optimizer creates: a tensor for torch's Adam/AdamW (torch_adam), a Python int
+    # for DeepSpeed's FusedAdam and DeepSpeedCPUAdam, which hand it to their kernels.
+    torch_adam = type(optimizer).__module__.startswith("torch.optim")
+    adam_step = int(portable.small["adam_step"])
     for state in optimizer.state.values():
-        state["step"] = torch.tensor(float(portable.small["adam_step"]))
+        state["step"] = torch.tensor(float(adam_step)) if torch_adam else adam_step
     engine.lr_scheduler.load_state_dict(portable.small["lr_scheduler"])
     # LambdaLR restores its position but sets the groups' LR only at its next step: set it now.
     for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
