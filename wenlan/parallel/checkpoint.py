@@ -12,8 +12,10 @@ only after every rank's files are on disk; ``--resume auto`` takes the newest ta
 
 import json
 import logging
+import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,12 @@ log = logging.getLogger("wenlan.train")
 
 STATE_KEY = "wenlan"  # the client_state entry holding the run state
 COMPLETE = "complete.json"
-PORTABLE = "portable.pt"  # the whole-tensor file of a tag written by wenlan.parallel.reshard
+# A tag written by wenlan.parallel.reshard ("format": "portable" in complete.json): whole tensors, any world size.
+PORTABLE_LAYOUT = 2  # complete.json's "layout": 2 = the three files below; absent = one PORTABLE file
+PORTABLE_WEIGHTS = "weights.safetensors"  # every parameter, buffer and queues.* entry, fp32 where floating
+PORTABLE_MOMENTS = "moments.safetensors"  # exp_avg.NAME, exp_avg_sq.NAME per trainable parameter
+PORTABLE_STATE = "portable_state.pt"  # Adam step, LR schedule, engine counters, run state (small)
+PORTABLE = "portable.pt"  # layout 1 (before streaming conversion): everything in one torch file
 MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's state per trainable parameter
 TAG = re.compile(r"^step(\d{8})$")
 
@@ -280,10 +287,12 @@ def _is_bf16_optimizer_state(optimizer_state: dict) -> bool:
 
 
 def is_bf16_optimizer(tag_dir: Path) -> bool:
-    """Written by DeepSpeed's bf16 optimizer (reads one rank's optimizer file)."""
+    """Written by DeepSpeed's bf16 optimizer. Reads the structure of one rank's optimizer file, none of its
+    tensors: ZeRO's files of bf16 runs carry the same ``bf16_`` name and hold a rank's whole optimizer state."""
+    from wenlan.parallel.tensorfile import TorchFile
+
     files = _bf16_optimizer_files(tag_dir)
-    return bool(files) and _is_bf16_optimizer_state(
-        torch.load(files[0], map_location="cpu", weights_only=False)["optimizer_state_dict"])
+    return bool(files) and _is_bf16_optimizer_state(TorchFile(files[0]).obj["optimizer_state_dict"])
 
 
 def _bf16_optimizer_masters(tag_dir: Path, config: dict, module: dict) -> dict[str, torch.Tensor] | None:
@@ -298,10 +307,114 @@ def _bf16_optimizer_masters(tag_dir: Path, config: dict, module: dict) -> dict[s
     return _split_masters([torch.cat(group) for group in zip(*parts)], config, module)
 
 
-def read_portable(tag_dir: Path) -> dict:
-    """The tag's ``PORTABLE`` file (wenlan.parallel.reshard): tensors, numbers, strings and containers
-    only, so it is read without unpickling anything else."""
-    return torch.load(Path(tag_dir) / PORTABLE, map_location="cpu", weights_only=True)
+class _InMemory:
+    """Whole tensors already in memory, with ``SafetensorsFile``'s reading interface (layout 1 tags)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name) -> bool:
+        return name in self.tensors
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.tensors[name].shape)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def read_flat(self, name: str, start: int = 0, end: int | None = None) -> torch.Tensor:
+        return self.tensors[name].reshape(-1)[start:end]
+
+
+class WeightMap(Mapping):
+    """A portable tag's parameters and buffers (no queues) as a mapping read one tensor per lookup:
+    ``build_module`` copies them in module by module, so no rank holds more than one whole tensor."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+        self.names = [n for n in tensors.keys() if not n.startswith("queues.")]
+        self._names = set(self.names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self.tensors.read(name)
+
+    def __contains__(self, name) -> bool:  # Mapping's default would read the tensor to find out
+        return name in self._names
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+class PortableTag:
+    """A tag written by ``wenlan.parallel.reshard``, opened without reading its tensors.
+
+    ``weights`` / ``moments``: the tensor files (whole tensors, or flat ranges ``read_flat(name, start,
+    end)`` that read only a rank's partition). ``small``: Adam step, LR schedule, engine counters and run
+    state. A layout-1 tag (one ``portable.pt``, written before conversion streamed) is read whole into
+    memory, as it was then; convert the original checkpoint again to get the streaming layout.
+    """
+
+    def __init__(self, tag_dir: Path):
+        from wenlan.parallel.tensorfile import SafetensorsFile
+
+        self.tag_dir = Path(tag_dir)
+        layout = read_complete(self.tag_dir).get("layout", 1)
+        if layout == PORTABLE_LAYOUT:
+            self.weights = SafetensorsFile(self.tag_dir / PORTABLE_WEIGHTS)
+            self.moments = SafetensorsFile(self.tag_dir / PORTABLE_MOMENTS)
+            # tensors, numbers, strings and containers only: read without unpickling anything else
+            self.small = torch.load(self.tag_dir / PORTABLE_STATE, map_location="cpu", weights_only=True)
+        elif layout == 1:
+            whole = torch.load(self.tag_dir / PORTABLE, map_location="cpu", weights_only=True)
+            entries = dict(whole.pop("weights"))
+            if whole["queues"] is not None:
+                entries.update(queue_entries(whole.pop("queues")))
+            self.weights = _InMemory(entries)
+            self.moments = _InMemory({f"{key}.{name}": t for key, per_name in whole.pop("moments").items()
+                                      for name, t in per_name.items()})
+            self.small = whole
+        else:
+            raise ValueError(f"{self.tag_dir}: converted checkpoint layout {layout} is newer than this code reads "
+                             f"(layout {PORTABLE_LAYOUT}); update the code, or convert the original checkpoint with "
+                             "this version of wenlan.parallel.reshard")
+
+    @property
+    def run_state(self) -> dict:
+        return self.small["run_state"]
+
+    def weight_map(self) -> WeightMap:
+        return WeightMap(self.weights)
+
+    def queues(self) -> dict | None:
+        """The global queue state (read whole: every rank holds the queues, or slices its shard from them)."""
+        if "queues.image" not in self.weights:
+            return None
+        return queue_from_entries({n: self.weights.read(n) for n in self.weights.keys() if n.startswith("queues.")})
+
+    def consolidated(self) -> dict[str, torch.Tensor]:
+        """Every weight and queue entry, whole: ``read_consolidated``'s state dict."""
+        return {name: self.weights.read(name) for name in self.weights.keys()}
+
+
+def read_partition(tensors, name: str, start: int, numel: int) -> torch.Tensor:
+    """Elements [start, start + numel) of the flattened tensor ``name``, zero-padded where the tensor ends
+    first (ZeRO-3's last partition), in fp32; only those elements are read."""
+    total = math.prod(tensors.shape(name))
+    end = min(start + numel, total)
+    piece = tensors.read_flat(name, min(start, end), end).float()
+    if piece.numel() == numel:
+        return piece
+    part = torch.zeros(numel)
+    part[:piece.numel()] = piece
+    return part
 
 
 def read_consolidated(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -313,11 +426,8 @@ def read_consolidated(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
     tag_dir = tag_dir_of(checkpoint)
     info = read_complete(tag_dir)
     if info.get("format") == "portable":
-        portable = read_portable(tag_dir)
-        state = dict(portable["weights"])
-        if portable["queues"] is not None:
-            state.update(queue_entries(portable["queues"]))
-        return state, portable["run_state"]
+        portable = PortableTag(tag_dir)
+        return portable.consolidated(), portable.run_state
     stage, world = info["zero_stage"], info["world_size"]
     model_states = torch.load(model_states_file(tag_dir, stage), map_location="cpu", weights_only=False)
     run_state = model_states[STATE_KEY]
@@ -374,16 +484,21 @@ def write_json(path: Path, data: dict) -> None:
 
 
 @torch.no_grad()
-def load_portable(engine, module, ema, portable: dict) -> dict:
+def load_portable(engine, module, ema, portable: PortableTag) -> dict:
     """Finish a resume from a portable tag on an engine built from its weights (``build_module(cfg,
-    weights)``): fp32 masters, Adam moments and step, LR schedule, momentum masters, queues. Returns
-    the run state."""
-    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    portable.weight_map())``): fp32 masters, Adam moments and step, LR schedule, momentum masters, queues.
+    Returns the run state.
 
-    from wenlan.parallel.momentum import zero3_partition
+    Each rank reads only what it holds: under ZeRO-3 its partition of every parameter, under ZeRO-1/2
+    its fragment of each parameter that falls in its flat partition (the range DeepSpeed's
+    ``safe_set_full_*`` would cut from a whole tensor), under ZeRO-0 whole tensors (each rank holds them).
+    Writes go through DeepSpeed's setters, never into what a getter returned: with the optimizer
+    offloaded, ``safe_get_local_*`` returns a copy (moved to the device, or swapped in from NVMe and
+    released), and writing into it would be lost without an error.
+    """
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
 
-    weights, moments = portable["weights"], portable["moments"]
+    weights, moments = portable.weights, portable.moments
     trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     zero3 = any(hasattr(p, "ds_id") for _, p in trainable)
     zero12 = any(hasattr(p, "_hp_mapping") for _, p in trainable)
@@ -400,33 +515,45 @@ def load_portable(engine, module, ema, portable: dict) -> dict:
         for key in MOMENTS:
             optimizer.state[flat].setdefault(key, torch.zeros_like(flat))
     for name, p in trainable:
-        if zero3:  # each rank writes its own partition (views into the optimizer's flat tensors)
-            safe_get_local_fp32_param(p).copy_(zero3_partition(weights[name], p.ds_tensor))
+        if zero3:  # rank r holds [r * P, (r + 1) * P) of the flattened parameter, zero-padded at the end
+            size = p.ds_tensor.numel()
+            start = dist.get_rank(group=getattr(p, "ds_process_group", None)) * size  # as DeepSpeed's setters
+            safe_set_local_fp32_param(p, read_partition(weights, name, start, size))
             for key in MOMENTS:
-                safe_get_local_optimizer_state(p, key).copy_(zero3_partition(moments[key][name], p.ds_tensor))
-        elif zero12:  # DeepSpeed maps the whole tensor onto this rank's fragment
+                safe_set_local_optimizer_state(p, read_partition(moments, f"{key}.{name}", start, size), key)
+        elif zero12:
             mapping = p._hp_mapping
+            if mapping is None:  # no element of this parameter falls in this rank's partition
+                continue
             if mapping.optim_fragment is None:  # linked only once Adam has state: link it to the new state
                 flat = flats[mapping.param_group_index]
                 mapping.set_optim_state_fragment(flat, optimizer.state[flat])
-            safe_set_full_fp32_param(p, weights[name].to(p.device))
+            # DeepSpeed's set_full_hp_param copies value.flatten()[start:start + numel] into the fragment,
+            # a view of this rank's fp32 partition (on the host under offload): read just that range.
+            where = mapping.lp_fragment_address
+            mapping.get_hp_fragment().data.copy_(read_partition(weights, name, where.start, where.numel))
             for key in MOMENTS:
-                safe_set_full_optimizer_state(p, moments[key][name].to(p.device), key)
+                mapping.get_hp_fragment(key).data.copy_(read_partition(moments, f"{key}.{name}", where.start,
+                                                                       where.numel))
         else:
-            optimizer.state[p] = {key: moments[key][name].to(p.device).clone() for key in MOMENTS}
+            optimizer.state[p] = {key: moments.read(f"{key}.{name}").to(p.device).clone() for key in MOMENTS}
+    # The step in the type the optimizer creates: a tensor for torch's Adam/AdamW (torch_adam), a Python int
+    # for DeepSpeed's FusedAdam and DeepSpeedCPUAdam, which hand it to their kernels.
+    torch_adam = type(optimizer).__module__.startswith("torch.optim")
+    adam_step = int(portable.small["adam_step"])
     for state in optimizer.state.values():
-        state["step"] = torch.tensor(float(portable["adam_step"]))
-    engine.lr_scheduler.load_state_dict(portable["lr_scheduler"])
+        state["step"] = torch.tensor(float(adam_step)) if torch_adam else adam_step
+    engine.lr_scheduler.load_state_dict(portable.small["lr_scheduler"])
     # LambdaLR restores its position but sets the groups' LR only at its next step: set it now.
     for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
         group["lr"] = lr
-    for key, value in portable["engine_counters"].items():
+    for key, value in portable.small["engine_counters"].items():
         setattr(engine, key, value)
     if ema is not None:
-        ema.load_whole(weights)
+        ema.load_whole(lambda name, start, numel: read_partition(weights, name, start, numel))
     if module.queues is not None:
-        module.queues.load_state(portable["queues"])
-    return portable["run_state"]
+        module.queues.load_state(portable.queues())
+    return portable.run_state
 
 
 def decided_by_rank0(decide, group=None):
@@ -483,13 +610,14 @@ class Checkpointer:
         self.where, portable, streams = decided_by_rank0(decide, group)
         cfg.data_streams = streams  # resolved per rank before the process group existed: rank 0's counts
         self.portable = None
-        if portable:  # converted by wenlan.parallel.reshard: whole tensors, any world size
-            self.portable = read_portable(Path(self.where[0]) / self.where[1])
+        if portable:  # converted by wenlan.parallel.reshard: whole tensors, any world size, read on demand
+            self.portable = PortableTag(Path(self.where[0]) / self.where[1])
         self.last_saved_step = None
 
     @property
-    def portable_weights(self) -> dict | None:
-        return self.portable["weights"] if self.portable is not None else None
+    def portable_weights(self) -> Mapping | None:
+        """The converted checkpoint's weights to build the module from (read one tensor at a time)."""
+        return self.portable.weight_map() if self.portable is not None else None
 
     def restore(self, strategy) -> Progress:
         """The run's progress, after loading the engine and this rank's state (a fresh start: step 0)."""

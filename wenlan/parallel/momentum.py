@@ -134,12 +134,16 @@ class MomentumEMA:
             offset += part.numel()
 
     @torch.no_grad()
-    def load_whole(self, weights: dict[str, torch.Tensor]) -> None:
+    def load_whole(self, read) -> None:
         """Key weights and fp32 masters from whole fp32 tensors (a converted checkpoint), each rank
-        taking its own partition under ZeRO-3."""
+        reading only its own partition under ZeRO-3: ``read(name, start, numel)`` returns elements
+        [start, start + numel) of the flattened tensor in fp32, zero-padded past its end."""
+        import torch.distributed as dist
+
         for name, (_, key), master in zip(self.names, self.pairs, self.masters):
             local = self._local(key).view(-1)
-            part = zero3_partition(weights[name], local) if self.zero3 else weights[name].reshape(-1).float()
+            start = dist.get_rank() * local.numel() if self.zero3 else 0  # zero3_partition's layout
+            part = read(name, start, local.numel()).to(local.device)
             local.copy_(part.to(local.dtype))
             if master is not None:
                 master.view(-1).copy_(part)
