@@ -136,3 +136,47 @@ class Server:
     def kill(self) -> None:
         os.killpg(self.proc.pid, signal.SIGKILL)  # make, the server and its uvicorn worker
         self.proc.wait()
+
+
+# The converter with its memory read at the point where the checkpoint is open (imports done, the files'
+# structure unpickled, the model built on the meta device) and no tensor read yet: the resident set then,
+# and the peak from then on (Linux: writing 5 to /proc/self/clear_refs resets the peak).
+_CONVERT_AND_MEASURE = """
+import json, sys
+import wenlan.parallel.reshard as reshard
+
+def status(key):
+    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) / 1024
+
+class Measured(reshard.ZeroTag):
+    def __init__(self, *args):
+        super().__init__(*args)
+        Measured.opened = status("VmRSS:")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            Measured.reset = True
+        except OSError:
+            Measured.reset = False
+
+reshard.ZeroTag = Measured
+reshard.reshard(sys.argv[1], sys.argv[2])
+print(json.dumps({"opened": Measured.opened, "peak_after": status("VmHWM:") if Measured.reset else None}))
+"""
+
+
+def reshard_measuring_memory(tag: Path, out: Path) -> dict[str, float]:
+    """Run ``wenlan.parallel.reshard`` on ``tag`` in a child process; MiB resident with the checkpoint
+    open, the peak from then on (the whole-process peak where the reset is not possible: conservative),
+    and the whole-process peak."""
+    import json
+
+    child = subprocess.Popen([sys.executable, "-c", _CONVERT_AND_MEASURE, str(tag), str(out)], cwd=ROOT, env=cpu_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)  # the child's own peak RSS, in KiB on Linux
+    child.stdout.close()
+    assert os.waitstatus_to_exitcode(status) == 0, output[-4000:]
+    measured = json.loads(output.strip().splitlines()[-1])
+    peak = usage.ru_maxrss / 1024
+    return {"opened": measured["opened"], "peak_after_open": measured["peak_after"] or peak, "peak": peak}

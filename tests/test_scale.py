@@ -5,10 +5,14 @@ parameters plus their momentum towers, ~9.6 GB of model states over the two proc
 attention layer more would add 0.2 B parameters and 3.2 GB to each checkpoint, more than the CI
 machine's disk and memory can spare, and its shapes are those of the BERT layer's.
 
+At these widths the test also measures the converter (``wenlan.parallel.reshard``): it streams the
+6.8 GB checkpoint one tensor at a time, its memory bounded by the largest tensor (the 346 MB embedding
+with its moments), and the run resumes from the converted tag, each rank reading its own partitions.
+
 It runs the shipped ``zero3_10b.json`` (bf16, fp32 gradient accumulation, its persistence threshold)
 at micro-batch 2, with torch's Adam (FusedAdam JIT-compiles on CPU) and buckets and live-parameter
 limits cut to what the CI machine's memory allows: built under ``zero.Init``, activation checkpointing on every block, two steps, a
-checkpoint, an export, and a resume that continues to step 3. At these widths the tensors straddle the
+checkpoint, an export, a conversion, and a resume from it that continues to step 3. At these widths the tensors straddle the
 limits that the tiny preset never reaches: a 4096x16384 FFN matrix (67 M elements) is over the
 persistence threshold and in a reduce bucket of its own order, the 21128x4096 embedding (86.5 M) is
 the largest tensor of every partition, and small ones (norms, biases of 2560-4096) persist on every
@@ -19,13 +23,15 @@ A checkpoint is ~6.4 GB: the test deletes what it wrote as it goes.
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from data_tools.make_demo_data import write_demo_shards
-from tests.helpers import ROOT, launch
+from tests.helpers import ROOT, cpu_env, launch, reshard_measuring_memory
 
 DEPTH, MICRO, QUEUE = 1, 2, 64
 
@@ -57,16 +63,16 @@ def args(data: Path, out: Path, ds: str, steps: int, *extra: str) -> list[str]:
             str(data / "tokenizer"), "--train-shards", str(data / "train-{000000..000003}.tar"),
             "--val-shards", str(data / "val-000000.tar"), "--max-steps", str(steps), "--output-dir", str(out),
             "--queue-size", str(QUEUE), "--log-every", "1", "--data-streams", "2", "--activation-checkpointing", "1",
-            "--num-workers", "0",
+            "--num-workers", "0",  # loader processes would take ~1 GB of the CI machine's memory, and test nothing here
             "--mlflow-uri", f"sqlite:///{out.parent / 'mlflow.db'}", *extra]
 
 
-def test_10b_widths_train_checkpoint_export_and_resume_under_zero3(data, tmp_path):
+def test_10b_widths_train_checkpoint_export_convert_and_resume_under_zero3(data, tmp_path):
     from safetensors import safe_open
 
-    from wenlan.export import export
     from wenlan.models.presets import cut_depth, get_preset
     from wenlan.parallel import checkpoint as ckpt
+    from wenlan.parallel.tensorfile import SafetensorsFile
 
     ds, out = shipped_10b_config(tmp_path), tmp_path / "run"
     proc = launch(2, args(data, out, ds, 2), timeout=900)
@@ -81,7 +87,9 @@ def test_10b_widths_train_checkpoint_export_and_resume_under_zero3(data, tmp_pat
 
     # The export holds every online tensor at the 10b shapes (one block per stack).
     model_file = tmp_path / "towers.safetensors"
-    export(checkpoints, model_file, full=False)
+    # as a user runs it, in a process of its own (it holds the consolidated weights: 1.6 GB here)
+    subprocess.run([sys.executable, "-m", "wenlan.export", "--checkpoint", str(checkpoints), "--out", str(model_file)],
+                   cwd=ROOT, env=cpu_env(), check=True, capture_output=True, timeout=600)
     expected = cut_depth(get_preset("10b"), vit_blocks=DEPTH, bert_layers=DEPTH, attention_layers=0)
     with safe_open(str(model_file), "pt") as f:
         shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
@@ -95,10 +103,27 @@ def test_10b_widths_train_checkpoint_export_and_resume_under_zero3(data, tmp_pat
     assert heads and all(shapes[name][0] == expected.embed_dim for name in heads)
     assert embedding.dtype == torch.float32 and torch.isfinite(embedding).all()
 
-    # Resume: the run continues at step 3 from the step-2 checkpoint and keeps only its newest one.
-    proc = launch(2, args(data, out, ds, 3, "--keep-checkpoints", "1"), timeout=900)
+    # The converter streams: once the checkpoint is open, its memory grows by about one tensor.
+    tag = checkpoints / ckpt.tag_for(2)
+    checkpoint_mb = sum(f.stat().st_size for f in tag.iterdir()) / 2**20
+    converted = tmp_path / "converted"
+    memory = reshard_measuring_memory(tag, converted)
+    shutil.rmtree(tag)  # the run goes on from the converted tag alone
+    files = [SafetensorsFile(converted / tag.name / name) for name in ("weights.safetensors", "moments.safetensors")]
+    largest_mb = max(torch.Size(f.shape(n)).numel() * f.dtype(n).itemsize for f in files for n in f.keys()) / 2**20
+    extra = memory["peak_after_open"] - memory["opened"]
+    print(f"\nconverter on the 10b widths: {memory['opened']:.0f} MiB resident with the checkpoint open, +{extra:.0f} "
+          f"MiB from then on, whole-process peak {memory['peak']:.0f} MiB; checkpoint {checkpoint_mb:.0f} MiB, largest "
+          f"tensor {largest_mb:.0f} MiB")
+    assert checkpoint_mb > 6000 and largest_mb == 21128 * 4096 * 4 / 2**20
+    assert extra < 3 * largest_mb, f"{extra:.0f} MiB over the open checkpoint, largest tensor {largest_mb:.0f} MiB"
+
+    # Resume from the converted tag: the run continues at step 3 and keeps only its newest checkpoint.
+    proc = launch(2, args(data, out, ds, 3, "--resume", str(converted), "--keep-checkpoints", "1"), timeout=900)
     text = proc.stdout + proc.stderr
-    assert "resumed from" in text and "step 2" in text.split("resumed from", 1)[1].splitlines()[0]
+    assert "resumed from converted checkpoint" in text
+    assert "at step 2 on 2 ranks" in text.split("resumed from converted checkpoint", 1)[1].splitlines()[0]
     assert "step      3/3" in text and "step      1/" not in text
     assert ckpt.complete_tags(checkpoints) == [ckpt.tag_for(3)]
     shutil.rmtree(out)
+    shutil.rmtree(converted)
