@@ -1,24 +1,19 @@
-"""The 10b preset's widths on 2 CPU processes: ViT 2560, text 4096 (BERT and attention layers, FFN
-16384, vocabulary 21128), joint dimension 2048, with the depth cut to one ViT block and one BERT
-layer and no attention layers on top (``--cut-depth 1 --attention-layers 0``): 0.40 B online
-parameters plus their momentum towers, ~9.6 GB of model states over the two processes. One text
-attention layer more would add 0.2 B parameters and 3.2 GB to each checkpoint, more than the CI
-machine's disk and memory can spare, and its shapes are those of the BERT layer's.
+"""The 10b preset's widths on 2 CPU processes: ViT 2560, text 4096 (FFN 16384, vocabulary 21128), joint
+dimension 2048, with the depth cut to one ViT block and one BERT layer and no attention layers on top
+(``--cut-depth 1 --attention-layers 0``): 0.40 B online parameters plus their momentum towers, ~7.5 GiB
+a process. One text attention layer more would add 0.2 B parameters and 3.2 GB to each checkpoint, more
+than the CI machine's disk and memory can spare; its shapes are those of the BERT layer's.
 
-At these widths the test also measures the converter (``wenlan.parallel.reshard``): it streams the
-6.8 GB checkpoint one tensor at a time, its memory bounded by the largest tensor (the 346 MB embedding
-with its moments), and the run resumes from the converted tag, each rank reading its own partitions.
+It runs the shipped ``zero3_10b.json`` (bf16, fp32 gradient accumulation, its persistence threshold) at
+micro-batch 2 with torch's Adam (FusedAdam JIT-compiles on CPU), built under ``zero.Init``, activation
+checkpointing on every block: two steps, a checkpoint, an export, a conversion by the streaming
+converter (``wenlan.parallel.reshard``, its memory measured: bounded by the largest tensor, the 330 MiB
+embedding), and a resume from the converted tag, each rank reading its own partitions, to step 3. The
+tensors straddle limits the tiny preset never reaches: the 67 M-element FFN matrices and the 86.5 M
+embedding are over the persistence threshold and larger than a reduce or prefetch bucket, and the small
+ones (norms, biases of 2560-4096) persist on every rank. Nothing in the path may depend on small widths.
 
-It runs the shipped ``zero3_10b.json`` (bf16, fp32 gradient accumulation, its persistence threshold)
-at micro-batch 2, with torch's Adam (FusedAdam JIT-compiles on CPU) and buckets and live-parameter
-limits cut to what the CI machine's memory allows: built under ``zero.Init``, activation checkpointing on every block, two steps, a
-checkpoint, an export, a conversion, and a resume from it that continues to step 3. At these widths the tensors straddle the
-limits that the tiny preset never reaches: a 4096x16384 FFN matrix (67 M elements) is over the
-persistence threshold and in a reduce bucket of its own order, the 21128x4096 embedding (86.5 M) is
-the largest tensor of every partition, and small ones (norms, biases of 2560-4096) persist on every
-rank. Nothing in the path may depend on small widths.
-
-A checkpoint is ~6.4 GB: the test deletes what it wrote as it goes.
+A checkpoint is 6.7 GiB: the test deletes what it wrote as it goes (CI disks are small).
 """
 
 import json
