@@ -94,7 +94,7 @@ def test_the_view_charts_what_the_run_logged_and_every_evaluation_left_a_picture
     pictures = [c for c in state["compareRunCharts"] if c["type"] == "IMAGE"]
     assert [(c["imageKeys"], c["step"]) for c in pictures] == [(["retrieval"], EVAL_STEPS[-1])]  # the newest
     scales = {c["metricKey"]: c["scaleType"] for c in state["compareRunCharts"] if c["type"] == "LINE"}
-    assert scales["loss"] == "log" and scales["eval/r1_i2t"] == "linear"
+    assert scales["loss"] == scales["loss_i2t"] == scales["loss_t2i"] == "log" and scales["eval/r1_i2t"] == "linear"
     assert {"queue_fill", "eval/r10_t2i", "samples_per_s", "time/forward_backward", "data_wait", "grad_norm",
             "skipped_samples", "restarts", "system/cpu_utilization_percentage"} <= in_view
     assert {f"skipped/{reason}" for reason in BAD} <= in_view

@@ -226,8 +226,9 @@ def test_module_without_process_group_holds_the_whole_queue():
     image_keys, text_keys, ids = module.gather.wait()
     assert torch.isfinite(loss) and image_keys.shape == text_keys.shape == (2, 128) and not image_keys.requires_grad
     assert torch.equal(ids, caption_ids(input_ids))
-    loss_sum, acc_sum, temperature_sum, micro_batches = module.take_totals().tolist()
+    loss_sum, i2t_sum, t2i_sum, acc_sum, temperature_sum, micro_batches = module.take_totals().tolist()
     assert loss_sum == loss.item() and micro_batches == 1 and temperature_sum == pytest.approx(0.07)
+    assert i2t_sum + t2i_sum == pytest.approx(loss_sum, rel=1e-6)  # brivl's loss: the sum of both directions
 
 
 def test_momentum_update_equals_ema_formula():
@@ -260,10 +261,12 @@ def test_momentum_schedule_rises_to_target():
 def test_clip_loss_matches_formula_single_rank():
     img, txt = unit(5, E, seed=20), unit(5, E, seed=21)
     scale = torch.tensor(1 / 0.07)
-    loss, _ = clip_loss(img, txt, img, txt, 0, scale)
+    loss, _, (loss_i2t, loss_t2i) = clip_loss(img, txt, img, txt, 0, scale)
     logits = scale * img @ txt.t()
-    expected = (F.cross_entropy(logits, torch.arange(5)) + F.cross_entropy(logits.t(), torch.arange(5))) / 2
-    torch.testing.assert_close(loss, expected)
+    i2t, t2i = F.cross_entropy(logits, torch.arange(5)), F.cross_entropy(logits.t(), torch.arange(5))
+    torch.testing.assert_close(loss, (i2t + t2i) / 2)
+    torch.testing.assert_close((loss_i2t, loss_t2i), (i2t, t2i))  # the directions the log shows
+    assert not torch.isclose(i2t, t2i)  # and they are told apart
 
 
 def test_caption_ids_identify_identical_captions():
@@ -305,8 +308,8 @@ def test_clip_logits_are_fp32_for_bf16_embeddings():
     100, logits formed in bf16 would be rounded to 0.25-0.5 apart and the loss would move by ~1e-2."""
     img, txt = unit(64, 256, seed=30).bfloat16(), unit(64, 256, seed=31).bfloat16()
     scale = torch.tensor(100.0)
-    loss, _ = clip_loss(img, txt, img, txt, 0, scale)
-    exact, _ = clip_loss(img.float(), txt.float(), img.float(), txt.float(), 0, scale)
+    loss, *_ = clip_loss(img, txt, img, txt, 0, scale)
+    exact, *_ = clip_loss(img.float(), txt.float(), img.float(), txt.float(), 0, scale)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, exact, rtol=0, atol=0)
     rounded = (scale * img @ txt.t()).float()  # what bf16 logits would have been

@@ -57,6 +57,9 @@ def test_loss_and_gradients_equal_the_reference_on_random_embeddings(name, cfg, 
     for view, a, b in zip([*VIEWS, "log_scale"], got, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=view)
     assert 0.0 <= stats["acc_i2t"].item() <= 1.0
+    # The image-caption pair's two directions, as the log shows them: their mean is the pair's term.
+    caption_term = reference_pair_loss(views["image"], views["caption"], log_scale.exp())
+    torch.testing.assert_close((stats["loss_i2t"] + stats["loss_t2i"]) / 2, caption_term.detach(), rtol=1e-5, atol=1e-6)
 
 
 def reference_queue_pair_loss(a, b, queue_b, queue_a, ids, queue_ids, scale) -> torch.Tensor:

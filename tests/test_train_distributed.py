@@ -212,6 +212,13 @@ def test_mlflow_run_has_params_metrics_and_artifacts(two_rank_run):
     assert window["time/eval"][3] > 0 and window["time/eval"][2] == window["time/eval"][4] == 0
     assert run.data.metrics["restarts"] == 1  # the resumed launch continued the same MLflow run
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5]
+    # brivl's loss is the sum of its two directions, logged next to it
+    directions = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)}
+                  for k in ("loss", "loss_i2t", "loss_t2i")}
+    for step in (1, 2, 3, 4, 5):
+        assert directions["loss"][step] == pytest.approx(directions["loss_i2t"][step] + directions["loss_t2i"][step],
+                                                         rel=1e-6)
+        assert directions["loss_i2t"][step] != directions["loss_t2i"][step]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"eval.json", "deepspeed_config.json", "model"} <= artifacts
     # --log-model: the run's final export, as wenlan.load reads it

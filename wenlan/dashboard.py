@@ -39,7 +39,7 @@ KS = (1, 5, 10)
 # wenlan/tracking.py (system metrics) log; "PREFIX/*": every metric under PREFIX/ (their names depend on
 # the run: GPUs, skip reasons). A chart appears only once its metric is logged.
 SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
-    ("Learning", [("loss", LOG), ("acc_i2t", "linear"), ("temperature", LOG), ("queue_fill", "linear")]
+    ("Learning", [("loss", LOG), ("loss_i2t", LOG), ("loss_t2i", LOG), ("acc_i2t", "linear"), ("temperature", LOG), ("queue_fill", "linear")]
      + [(f"eval/r{k}_{d}", "linear") for d in ("i2t", "t2i") for k in KS]),
     ("Speed", [("samples_per_s", "linear"), ("tflops_per_device", "linear"), ("mfu", "linear"),
                ("data_wait", "linear"), ("time/forward_backward", "linear"), ("time/optimizer", "linear"),

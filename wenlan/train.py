@@ -126,15 +126,16 @@ class StepLog:
         peak_memory = peak_memory_bytes(engine.device)
         totals = torch.cat([self.strategy.take_totals().double(),
                             torch.tensor([self.skipped], dtype=torch.float64, device=engine.device)])
-        dist.all_reduce(totals)  # loss, acc, temperature sums, micro-batches (last stage), skipped; no gradient
-        loss, acc, temperature, n, skipped = totals.tolist()
+        dist.all_reduce(totals)  # the objective's sums (TOTALS_FIELDS; last stage), skipped samples; no gradient
+        loss, loss_i2t, loss_t2i, acc, temperature, n, skipped = totals.tolist()
         if peak_memory is not None:  # the fullest device is the one that matters; no gradient
             peak = torch.tensor([peak_memory], dtype=torch.float64, device=engine.device)
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
             peak_memory = peak.item()
         self.strategy.check_queues(step)
         elapsed = time.perf_counter() - self.start
-        logged = dict(loss=loss / n, acc_i2t=acc / n, lr=engine.get_lr()[0], temperature=temperature / n,
+        logged = dict(loss=loss / n, loss_i2t=loss_i2t / n, loss_t2i=loss_t2i / n, acc_i2t=acc / n,
+                      lr=engine.get_lr()[0], temperature=temperature / n,
                       samples_per_s=self.samples / elapsed, data_wait=self.data_wait / elapsed,
                       skipped_samples=int(skipped),
                       **throughput(self.flops_per_sample, self.samples, elapsed, dist.get_world_size(),

@@ -96,15 +96,16 @@ def info_nce(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, exclu
 
 
 def clip_loss(image: torch.Tensor, text: torch.Tensor, all_image: torch.Tensor, all_text: torch.Tensor,
-              offset: int, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+              offset: int, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """open_clip's ClipLoss with ``local_loss=True``: this rank's (B, E) embeddings against the
     (N*B, E) embeddings of the whole global batch (gathered with gradient); this rank's positives sit
-    at ``offset`` + i. Returns the mean of the two directions and the image->text accuracy."""
+    at ``offset`` + i. Returns the mean of the two directions, the image->text accuracy, and the two
+    directions' losses (image->text, text->image; detached, for the log)."""
     labels = torch.arange(image.shape[0], device=image.device) + offset
     # fp32 before the product, as in info_nce: bf16 logits at scale ~100 are 0.5 apart.
     scale = scale.float()
     logits_i2t = (scale * image.float()) @ all_text.float().t()  # (B, N*B)
     logits_t2i = (scale * text.float()) @ all_image.float().t()  # (B, N*B)
-    loss = (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
+    loss_i2t, loss_t2i = F.cross_entropy(logits_i2t, labels), F.cross_entropy(logits_t2i, labels)
     accuracy = (logits_i2t.argmax(dim=1) == labels).float().mean()
-    return loss, accuracy
+    return (loss_i2t + loss_t2i) / 2, accuracy, (loss_i2t.detach(), loss_t2i.detach())

@@ -73,11 +73,12 @@ class CookieConfig:
 
 
 def pair_loss(a, b, all_a, all_b, offset: int, scale, queue_ab=None, queue_ba=None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Symmetric InfoNCE of this rank's (B, E) views ``a`` and ``b`` against the global batch's
     (N*B, E), positives at ``offset`` + i (open_clip's ClipLoss, local loss); ``queue_ab`` (B,): the
     log-sum-exp of each a -> b query over a queue, one more column of its softmax normaliser (and
-    ``queue_ba`` for b -> a). Returns the loss and the a -> b accuracy over the batch."""
+    ``queue_ba`` for b -> a). Returns the loss, the a -> b accuracy over the batch, and the a -> b and
+    b -> a losses (detached, for the log)."""
     labels = torch.arange(a.shape[0], device=a.device) + offset
     scale = scale.float()
     logits_ab = (scale * a.float()) @ all_b.float().t()  # (B, N*B); fp32 as info_nce
@@ -86,7 +87,8 @@ def pair_loss(a, b, all_a, all_b, offset: int, scale, queue_ab=None, queue_ba=No
     if queue_ab is not None:
         logits_ab = torch.cat([logits_ab, queue_ab[:, None]], dim=1)  # (B, N*B + 1)
         logits_ba = torch.cat([logits_ba, queue_ba[:, None]], dim=1)  # (B, N*B + 1)
-    return (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels)) / 2, accuracy
+    loss_ab, loss_ba = F.cross_entropy(logits_ab, labels), F.cross_entropy(logits_ba, labels)
+    return (loss_ab + loss_ba) / 2, accuracy, (loss_ab.detach(), loss_ba.detach())
 
 
 def multiview_objective(views: dict[str, torch.Tensor], pairs: dict[tuple[str, str], float], scale, group=None,
@@ -114,10 +116,13 @@ def multiview_objective(views: dict[str, torch.Tensor], pairs: dict[tuple[str, s
     loss, stats = 0.0, {}
     for (a, b), weight in pairs.items():
         if weight:
-            term, acc = pair_loss(views[a], views[b], everyone[a], everyone[b], offset, scale,
-                                  lse.get((a, MODALITY[b])), lse.get((b, MODALITY[a])))
+            term, acc, directions = pair_loss(views[a], views[b], everyone[a], everyone[b], offset, scale,
+                                              lse.get((a, MODALITY[b])), lse.get((b, MODALITY[a])))
             loss = loss + weight * term
             stats[f"loss_{a}_{b}"], stats[f"acc_{a}_{b}"] = term.detach(), acc
-    stats.update(acc_i2t=stats.get("acc_image_caption", torch.zeros((), device=local.device)),
-                 temperature=1.0 / scale.detach())
+            if (a, b) == ("image", "caption"):  # the pair every objective has: its directions are logged
+                stats["loss_i2t"], stats["loss_t2i"] = directions
+    zero = torch.zeros((), device=local.device)
+    stats.update(acc_i2t=stats.get("acc_image_caption", zero), loss_i2t=stats.get("loss_i2t", zero),
+                 loss_t2i=stats.get("loss_t2i", zero), temperature=1.0 / scale.detach())
     return loss, stats

@@ -44,6 +44,12 @@ class ObjectiveSpec:
     different stages), do not fit that layout."""
 
 
+TOTALS_FIELDS = ("loss", "loss_i2t", "loss_t2i", "acc_i2t", "temperature", "micro_batches")
+"""The running sums an objective keeps for the log line. ``loss`` is what the objective optimises;
+``loss_i2t`` / ``loss_t2i`` are the image->text and text->image cross-entropies of the image-caption
+pair (brivl's loss is their sum, clip's their mean; ernie-vil2 and cookie add other pairs)."""
+TOTALS = len(TOTALS_FIELDS)
+
 OBJECTIVES = {
     "brivl": ObjectiveSpec(momentum=True, views=False, unimodal=False, pipeline=True),
     "clip": ObjectiveSpec(momentum=False, views=False, unimodal=False, pipeline=True),
@@ -208,7 +214,7 @@ class ContrastivePretraining(nn.Module):
                 shard, num_shards = dist.get_rank(group), dist.get_world_size(group)
             self.queues = KeyQueues(cfg.queue_size, embed_dim, shard, num_shards)
             self.gather = KeyGather(group)
-        self._totals = None  # (4,) on the device: loss, accuracy, temperature sums and micro-batches
+        self._totals = None  # (TOTALS,) on the device: sums of loss, its two directions, accuracy, temperature, micro-batches
 
     def scale(self) -> torch.Tensor:
         """1/T in fp32. With an fp32 master set, the forward uses the master's value and the gradient
@@ -258,15 +264,16 @@ class ContrastivePretraining(nn.Module):
         return self._count(loss, stats)
 
     def _count(self, loss: torch.Tensor, stats: dict) -> torch.Tensor:
-        sums = torch.stack([loss.detach().float(), stats["acc_i2t"].float(),
-                            stats["temperature"].float().reshape(()), torch.ones((), device=loss.device)])
+        sums = torch.stack([loss.detach().float(), stats["loss_i2t"].float(), stats["loss_t2i"].float(),
+                            stats["acc_i2t"].float(), stats["temperature"].float().reshape(()),
+                            torch.ones((), device=loss.device)])
         self._totals = sums if self._totals is None else self._totals + sums
         return loss
 
     def peek_totals(self) -> torch.Tensor:
-        """(4,) sums since the last ``take_totals`` of loss, accuracy, temperature and the micro-batch
-        count, on the device (zeros if nothing ran)."""
-        return self._totals if self._totals is not None else torch.zeros(4, device=self.log_scale.device)
+        """(TOTALS,) sums since the last ``take_totals`` (``TOTALS_FIELDS``), on the device (zeros if
+        nothing ran)."""
+        return self._totals if self._totals is not None else torch.zeros(TOTALS, device=self.log_scale.device)
 
     def take_totals(self) -> torch.Tensor:
         """``peek_totals``, then reset them."""
@@ -350,8 +357,8 @@ def clip_objective(img, txt, scale, group=None) -> tuple[torch.Tensor, dict]:
         both = gather_with_grad(torch.cat([img, txt], dim=1), group)  # (N*B, 2E)
         all_img, all_txt = both[:, :img.shape[1]], both[:, img.shape[1]:]
         offset = dist.get_rank(group) * img.shape[0]
-    loss, acc = clip_loss(img, txt, all_img, all_txt, offset, scale)
-    return loss, dict(acc_i2t=acc, temperature=1.0 / scale.detach())
+    loss, acc, (loss_i2t, loss_t2i) = clip_loss(img, txt, all_img, all_txt, offset, scale)
+    return loss, dict(acc_i2t=acc, loss_i2t=loss_i2t, loss_t2i=loss_t2i, temperature=1.0 / scale.detach())
 
 
 @functools.lru_cache(maxsize=8)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from wenlan.data.transforms import model_images
-from wenlan.losses.objective import caption_ids
+from wenlan.losses.objective import TOTALS, caption_ids
 from wenlan.losses.gather import all_gather_single
 from wenlan.parallel import checkpoint as ckpt
 from wenlan.parallel.momentum import MomentumEMA
@@ -170,11 +170,11 @@ class Strategy:
     def take_totals(self) -> torch.Tensor:
         """(4,) device sums since the last call: loss, accuracy, temperature, micro-batches (zeros on
         stages without the loss)."""
-        return self.objective.take_totals() if self.objective is not None else torch.zeros(4, device=self.device)
+        return self.objective.take_totals() if self.objective is not None else torch.zeros(TOTALS, device=self.device)
 
     def peek_totals(self) -> torch.Tensor:
         """``take_totals`` without resetting them."""
-        return self.objective.peek_totals() if self.objective is not None else torch.zeros(4, device=self.device)
+        return self.objective.peek_totals() if self.objective is not None else torch.zeros(TOTALS, device=self.device)
 
     # -- the temperature's fp32 value in bf16 runs -------------------------------------------------
     def _low_precision_temperature(self) -> bool:
