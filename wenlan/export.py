@@ -101,6 +101,9 @@ class TowerFile(Mapping):
     def __contains__(self, name) -> bool:  # Mapping's default would read the tensor to find out
         return name in self.shapes
 
+    def shape(self, name: str) -> tuple:
+        return self.shapes[name]
+
     def __iter__(self):
         return iter(self.shapes)
 

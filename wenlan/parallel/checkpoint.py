@@ -331,7 +331,8 @@ class _InMemory:
 
 class WeightMap(Mapping):
     """A portable tag's parameters and buffers (no queues) as a mapping read one tensor per lookup:
-    ``build_module`` copies them in module by module, so no rank holds more than one whole tensor."""
+    ``build_module`` copies them in module by module, so no rank holds more than one whole tensor (and
+    under ZeRO-3 only rank 0 reads a parameter; ``shape`` lets the others check it from the header)."""
 
     def __init__(self, tensors):
         self.tensors = tensors
@@ -345,6 +346,9 @@ class WeightMap(Mapping):
 
     def __contains__(self, name) -> bool:  # Mapping's default would read the tensor to find out
         return name in self._names
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.tensors.shape(name))
 
     def __iter__(self):
         return iter(self.names)

@@ -9,9 +9,11 @@ cost their partition only (no gradient, no optimizer state).
 import contextlib
 import math
 import os
+from collections.abc import Mapping
 
 import deepspeed
 import torch
+import torch.distributed as dist
 
 from wenlan.config import TrainConfig
 from wenlan.losses.objective import ContrastivePretraining
@@ -126,9 +128,13 @@ def _float_buffers_in_fp32(model: BriVL, cfg: TrainConfig) -> None:
 
 
 @torch.no_grad()
-def copy_state(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+def copy_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
     """Copy named tensors into ``module``'s parameters and buffers; under ZeRO-3 one module at a time
-    is gathered, never the whole model."""
+    is gathered, never the whole model, and a partitioned parameter is read on rank 0 only (its edit is
+    the one re-partitioned to every rank): at 10B, every rank reading every tensor of a converted
+    checkpoint would pull the whole model from the file system once per GPU. ``state`` may be a lazy
+    mapping (one read per lookup) with a ``shape(name)`` from its file's header."""
+    reads_partitioned = not dist.is_initialized() or dist.get_rank() == 0
     for module_name, sub in module.named_modules():
         prefix = module_name + "." if module_name else ""
         own = {n: t for n, t in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]
@@ -137,11 +143,15 @@ def copy_state(module: torch.nn.Module, state: dict[str, torch.Tensor], what: st
             continue
         with _gathered(sub):
             for name, tensor in own.items():
-                value = state[prefix + name]
-                if value.shape != tensor.shape:
-                    raise ValueError(f"{what}: {prefix + name} has shape {tuple(value.shape)}, the model expects "
-                                     f"{tuple(tensor.shape)}: check the preset against the checkpoint")
-                tensor.copy_(value)
+                key = prefix + name
+                needed = reads_partitioned or not hasattr(tensor, "ds_id")  # buffers are whole on every rank
+                value = state[key] if needed or not hasattr(state, "shape") else None
+                shape = tuple(value.shape) if value is not None else tuple(state.shape(key))
+                if shape != tuple(tensor.shape):
+                    raise ValueError(f"{what}: {key} has shape {shape}, the model expects {tuple(tensor.shape)}: check "
+                                     "the preset against the checkpoint")
+                if needed:
+                    tensor.copy_(value)
 
 
 def build_engine(module: torch.nn.Module, cfg: TrainConfig):
