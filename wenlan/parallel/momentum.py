@@ -88,11 +88,14 @@ class MomentumEMA:
         targets = [self._local(key).view(-1) for _, key in self.pairs]
         # What carries the EMA: the fp32 master where the key is low precision, else the key itself.
         carriers = [master.view(-1) if master is not None else target for master, target in zip(self.masters, targets)]
+        # One dtype and device per pair: bf16 sources (ZeRO-0/1/2 working copies) of fp32 masters are
+        # promoted, and with the optimizer offloaded the online fp32 masters sit in host memory while the
+        # keys' partitions stay on the device (one host-to-device copy of this rank's partitions per step).
+        matched = [s if (s.dtype, s.device) == (c.dtype, c.device) else s.to(device=c.device, dtype=c.dtype)
+                   for s, c in zip(sources, carriers)]
         if m == 0.0:  # a copy: the key may be uninitialised memory, and NaN * 0 is NaN
-            torch._foreach_copy_(carriers, sources)
+            torch._foreach_copy_(carriers, matched)
         else:
-            # One dtype per pair: bf16 sources (ZeRO-0/1/2 working copies) of fp32 masters are promoted.
-            matched = [s if s.dtype == c.dtype else s.to(c.dtype) for s, c in zip(sources, carriers)]
             # m c + (1 - m) s as two passes rather than one lerp: the same roundings as the per-tensor
             # update this replaced, so runs keep their results bit for bit.
             torch._foreach_mul_(carriers, m)
