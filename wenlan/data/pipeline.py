@@ -476,10 +476,11 @@ def _as_is(item):
 # the trainer's host pages copy-on-write, and every page the trainer then writes (optimizer steps over
 # host-held model states: CPU runs, optimizer offload) is copied, once per worker, for the whole run. At
 # the 10b widths on CPU (tests/test_scale.py) each rank's worker held 3.8 GB of the rank's 7 GB and the
-# first step ran out of memory. The server imports this module once, so a worker starts in about a
-# second; eval loaders live for one pass, during which nothing is written, and fork.
+# first step ran out of memory. The server imports this module once (through wenlan.data.worker_server,
+# which also gives the workers the signal dispositions forked ones inherited), so a worker starts in
+# about a second; eval loaders live for one pass, during which nothing is written, and fork.
 _FORKSERVER = multiprocessing.get_context("forkserver")
-_FORKSERVER.set_forkserver_preload([__name__])
+_FORKSERVER.set_forkserver_preload(["wenlan.data.worker_server"])
 
 
 def start_worker_server() -> None:

@@ -40,9 +40,11 @@ class Preemption:
 
     def _handle(self, signum, frame) -> None:
         if os.getpid() != self.pid:
-            # A forked DataLoader worker inherited this handler. Slurm signals every process of a job step:
-            # a worker ignores USR1, and leaves quietly on SIGTERM (also its parent's way to stop it), with
-            # exit status 0 so that the training process is not interrupted in the middle of a step.
+            # A forked DataLoader worker (an eval loader's; train loaders' workers start from a forkserver
+            # given the same dispositions by wenlan.data.worker_server) inherited this handler. Slurm signals
+            # every process of a job step: a worker ignores USR1, and leaves quietly on SIGTERM (also its
+            # parent's way to stop it), with exit status 0 so that the training process is not interrupted
+            # in the middle of a step.
             if signum == signal.SIGTERM:
                 os._exit(0)
             return
