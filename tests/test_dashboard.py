@@ -172,16 +172,23 @@ def test_the_dashboard_and_the_run_page_in_a_browser(tracked_run):
                     has=page.get_by_text(section, exact=True))
                 shown = len(keys) + sum(1 for key, where in dashboard.IMAGES.items() if where == section and key in in_view)
                 expect(header).to_contain_text(f"({shown})")
+                # The UI renders a section's cards only once the section nears the viewport: bring it there.
+                header.scroll_into_view_if_needed()
                 for key in keys:  # a line drawn from the run's points in every chart
                     card = cards.filter(has=page.locator(f'h4[title="{key}"]'))
                     card.scroll_into_view_if_needed()
                     expect(card.locator(".js-plotly-plot .scatterlayer .trace").first).to_be_attached()
+            page.get_by_test_id("experiment-view-compare-runs-section-header").filter(
+                has=page.get_by_text(dashboard.IMAGES["retrieval"], exact=True)).scroll_into_view_if_needed()
             picture = cards.filter(has=page.locator('h4[title="retrieval"]'))  # opened at the newest picture
             picture.scroll_into_view_if_needed()
             expect(picture.locator("img").first).to_be_visible()
             page.screenshot(path=str(shots / "dashboard.png"))
 
             base = f"{server.uri}/#/experiments/{experiment_id}/runs/{run.info.run_id}"
+            # The run page charts every metric in MLflow's own order, the picture last; cards render only
+            # near the viewport, so the page is made tall enough to hold them all.
+            page.set_viewport_size({"width": 1500, "height": 12000})
             page.goto(f"{base}/model-metrics")
             close_assistant(page)
             picture = cards.filter(has=page.locator('h4[title="retrieval"]'))
